@@ -1,0 +1,312 @@
+"""MAPush's mid-level cuboid task `go1push_mid` behind one contract (DESIGN.md), two backends.
+
+- `vmas` (default): a planar re-creation on VMAS's rigid-body `World` (physics only). Resets, observations,
+  rewards and termination follow `specs/mapush_go1push_mid.md` sections 1-7; the dynamics follow section 10.
+- `isaacgym`: a thin adapter over MQE's `make_mqe_env("go1push_mid", ...)` (needs Isaac Gym and MAPush).
+
+    env = make_env("vmas", num_envs=512, device="cpu", seed=0)
+    obs = env.reset()                               # [E, A, 8]
+    obs, reward, done, info = env.step(actions)     # actions [E, A, 3]; reward [E, A] per agent; done [E]
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+
+from global_state import TWO_PI, Scene, sanitize
+
+BACKENDS = ("vmas", "isaacgym")
+
+# Task constants (spec sections 1-6; canonical cuboid config `task/cuboid/config.py`).
+DT = 0.02  # one policy step, s (PhysX 5 ms x decimation 4)
+EPISODE_STEPS = 1000  # 20 s; the time-out fires when the step counter exceeds it, i.e. on step 1001
+ACTION_SCALE = 0.5  # command = 0.5 * clip(action, -1, 1): (vx, vy) m/s and yaw rate rad/s, body frame
+SUCCESS_RADIUS = 1.0  # planar box-target distance, m
+COLLISION_RADIUS = 0.25  # agent-agent base distance that ends the episode as an exception, m
+BOX_Z, AGENT_Z = 0.25, 0.30  # constant heights for the 3D distances of the approach and collision terms, m
+REWARD_SCALES = {
+    "target": 0.00325,
+    "approach": 0.00075,
+    "collision": -0.0025,
+    "push": 0.0015,
+    "ocb": 0.004,
+    "reach_target": 10.0,
+    "exception": -5.0,
+}
+REWARD_TERMS = ("distance_to_target", "approach", "collision", "push", "ocb", "reach_target", "exception")
+
+# Surrogate dynamics (spec section 10; values tagged [A] there are our estimates).
+BOX_SIZE, BOX_MASS, BOX_IZZ = 1.2, 4.0, 0.25  # URDF SmallBox: 1.2 x 1.2 m, 4 kg, Izz 0.25 kg m^2
+BOX_MU_RANGE = (0.30, 0.35)  # effective box-ground Coulomb coefficient, drawn once per env
+GRAVITY = 9.81
+BOX_SPIN_ARM = math.hypot(BOX_SIZE / 2, BOX_SIZE / 2)  # spin friction acts at the 4 corners (PhysX box-on-mesh)
+AGENT_MASS = 11.31  # Go1, kg
+AGENT_FOOTPRINT = (0.66, 0.29)  # Go1 planar footprint, m
+AGENT_DISC_RADIUS = math.sqrt(AGENT_FOOTPRINT[0] * AGENT_FOOTPRINT[1] / math.pi)  # same area as the footprint
+TAU_LIN, TAU_YAW = 0.25, 0.20  # first-order lag of the locomotion controller's reference velocity, s
+TAU_TRACK = 0.05  # how stiffly the body follows that reference (a P controller on velocity), s
+MAX_DRIVE_FORCE = 50.0  # traction limit of the legs, N (~0.55 x 111 N)
+MAX_DRIVE_TORQUE = 20.0  # N m
+MAX_SPEED = 1.0  # PhysX max_depenetration_velocity: overlapping spawns separate at <= 1 m/s
+CONTACT_STIFFNESS = 2e4  # penalty contact, N/m (2.5 mm penetration at the full drive force)
+
+
+def make_env(backend: str = "vmas", num_envs: int = 512, device="cpu", seed: int = 0, **options):
+    """Build the task on `backend` with `num_envs` parallel envs on `device`; see the module docstring."""
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    if backend == "vmas":
+        return VmasPushEnv(num_envs=num_envs, device=device, seed=seed, **options)
+    if backend == "isaacgym":
+        return IsaacGymPushEnv(num_envs=num_envs, device=device, seed=seed, **options)
+    raise ValueError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+
+
+def rotate(xy: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
+    """Rotate planar vectors [..., 2] by yaw [...] (counter-clockwise)."""
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    x, y = xy[..., 0], xy[..., 1]
+    return torch.stack([c * x - s * y, s * x + c * y], dim=-1)
+
+
+def observations(box_xy, box_yaw, target_xy, agent_xy, agent_yaw) -> torch.Tensor:
+    """MQE's per-agent observation [E, A, 2 + 3A] in each agent's heading frame (spec section 4)."""
+    num_agents = agent_xy.shape[1]
+    to_ego = -agent_yaw  # [E, A]
+    parts = [
+        rotate(target_xy.unsqueeze(1) - agent_xy, to_ego),
+        rotate(box_xy.unsqueeze(1) - agent_xy, to_ego),
+        torch.remainder(box_yaw.unsqueeze(1) - agent_yaw, TWO_PI).unsqueeze(-1),
+    ]
+    for shift in range(1, num_agents):  # agent k sees agent (k - shift) mod A, as torch.roll does in MQE
+        other_xy = torch.roll(agent_xy, shift, dims=1)
+        other_yaw = torch.roll(agent_yaw, shift, dims=1)
+        parts.append(rotate(other_xy - agent_xy, to_ego))
+        parts.append(torch.remainder(other_yaw - agent_yaw, TWO_PI).unsqueeze(-1))
+    return torch.cat(parts, dim=-1)
+
+
+# The box's edges, counter-clockwise from the corner (-0.6, -0.6), and their inward normals (spec 5.7).
+_HALF = BOX_SIZE / 2
+BOX_VERTICES = ((-_HALF, -_HALF), (_HALF, -_HALF), (_HALF, _HALF), (-_HALF, _HALF))
+BOX_INWARD_NORMALS = ((0.0, 1.0), (-1.0, 0.0), (0.0, -1.0), (1.0, 0.0))
+
+
+def nearest_face_normal(q: torch.Tensor) -> torch.Tensor:
+    """Inward normal [..., 2] (box frame) of the box edge nearest to the box-frame points q [..., 2].
+
+    Point-to-segment distance; on a tie (nearest feature is a corner) the lower edge index wins, as in MQE.
+    """
+    start = q.new_tensor(BOX_VERTICES)  # [4, 2]
+    edge = torch.roll(start, -1, dims=0) - start  # [4, 2]
+    rel = q.unsqueeze(-2) - start  # [..., 4, 2]
+    t = ((rel * edge).sum(-1) / (edge * edge).sum(-1)).clamp(0.0, 1.0)
+    dist = torch.linalg.vector_norm(rel - t.unsqueeze(-1) * edge, dim=-1)  # [..., 4]
+    nearest = torch.argmin(dist, dim=-1)  # first minimum on ties
+    return q.new_tensor(BOX_INWARD_NORMALS)[nearest]
+
+
+def task_rewards(
+    box_xy, box_yaw, box_vel, target_xy, agent_xy, prev_dist, success, exception, nonfinite
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-agent rewards [E, A] (no team sum) and each term summed over agents [E] (spec section 5)."""
+    num_envs, num_agents, _ = agent_xy.shape
+    s = REWARD_SCALES
+    dist = torch.linalg.vector_norm(box_xy - target_xy, dim=-1)
+    shared = {
+        "distance_to_target": s["target"] * 100.0 * (2.0 * (prev_dist - dist) - 0.01 * dist),
+        "push": s["push"] * (torch.linalg.vector_norm(box_vel, dim=-1) > 0.1).float(),
+        "reach_target": s["reach_target"] * success.float(),
+        "exception": s["exception"] * (exception.float() + (nonfinite > 0).float()),
+    }
+    dz = BOX_Z - AGENT_Z
+    box_dist = torch.sqrt(((box_xy.unsqueeze(1) - agent_xy) ** 2).sum(-1) + dz * dz)  # [E, A]
+    approach = -s["approach"] * (box_dist + 0.5) ** 2
+    pair_dist = torch.cdist(agent_xy, agent_xy)  # [E, A, A]; agents share one height
+    pair_term = s["collision"] / (0.02 + pair_dist / 3.0)
+    pair_term = pair_term * (1.0 - torch.eye(num_agents, device=agent_xy.device))
+    collision = pair_term.sum(-1)  # each pair counts for both agents
+    to_target = target_xy - box_xy
+    u = to_target / torch.linalg.vector_norm(to_target, dim=-1, keepdim=True)
+    q = rotate(agent_xy - box_xy.unsqueeze(1), -box_yaw.unsqueeze(1))
+    normal = rotate(nearest_face_normal(q), box_yaw.unsqueeze(1))
+    ocb = s["ocb"] * (normal * u.unsqueeze(1)).sum(-1)
+    reward = sum(shared.values()).unsqueeze(1) + approach + collision + ocb
+    terms = {name: value for name, value in shared.items()}
+    terms["approach"] = approach.sum(1)
+    terms["collision"] = collision.sum(1) / 2.0  # once per pair
+    terms["ocb"] = ocb.sum(1)
+    return reward, {name: terms[name] for name in REWARD_TERMS}
+
+
+class VmasPushEnv:
+    """`go1push_mid` on VMAS physics: E envs, A agents (default 2), all state as torch tensors on `device`."""
+
+    def __init__(self, num_envs: int, device="cpu", seed: int = 0, num_agents: int = 2, agent_shape: str = "disc",
+                 substeps: int = 2):
+        from vmas.simulator.core import Agent, Box, Landmark, Sphere, World
+
+        if agent_shape not in ("disc", "box"):
+            raise ValueError(f"agent_shape must be 'disc' or 'box', got {agent_shape!r}")
+        if num_agents < 2:
+            raise ValueError(f"num_agents must be >= 2, got {num_agents}")
+        self.num_envs, self.num_agents = num_envs, num_agents
+        self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * num_agents, 3, EPISODE_STEPS
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.rng = torch.Generator(device=self.device)
+        self.rng.manual_seed(seed)
+
+        self.box_mu = self._uniform((num_envs, 1), *BOX_MU_RANGE)  # kept across episodes
+        self.world = World(num_envs, self.device, dt=DT, substeps=substeps, drag=0.0,
+                           collision_force=CONTACT_STIFFNESS)
+        # VMAS friction: linear coefficient is a deceleration (mu * g); angular one is torque / Izz.
+        box_shape = Box(BOX_SIZE, BOX_SIZE)
+        # VMAS derives Izz from a uniform solid (0.96 kg m^2); the URDF says 0.25. (A Box subclass would drop out of
+        # VMAS's collidable shape pairs, so the instance gets the override.)
+        box_shape.moment_of_inertia = lambda mass: BOX_IZZ
+        self.box = Landmark("box", shape=box_shape, movable=True, rotatable=True, mass=BOX_MASS,
+                            linear_friction=self.box_mu * GRAVITY,
+                            angular_friction=self.box_mu * GRAVITY * BOX_MASS * BOX_SPIN_ARM / BOX_IZZ)
+        self.world.add_landmark(self.box)
+        self.agents = []
+        for i in range(num_agents):
+            shape = Sphere(AGENT_DISC_RADIUS) if agent_shape == "disc" else Box(*AGENT_FOOTPRINT)
+            agent = Agent(f"go1_{i}", shape=shape, mass=AGENT_MASS, max_f=MAX_DRIVE_FORCE, max_t=MAX_DRIVE_TORQUE,
+                          max_speed=MAX_SPEED)
+            self.world.add_agent(agent)
+            self.agents.append(agent)
+        self.agent_inertia = self.agents[0].moment_of_inertia
+        zeros = torch.zeros(num_envs, 2, device=self.device)
+        for entity in self.world.entities:
+            entity.state.pos, entity.state.vel = zeros.clone(), zeros.clone()
+            entity.state.rot, entity.state.ang_vel = zeros[:, :1].clone(), zeros[:, :1].clone()
+        self.target_xy = zeros.clone()
+        self.v_ref = torch.zeros(num_envs, num_agents, 3, device=self.device)  # controller's lagged command
+        self.step_count = torch.zeros(num_envs, dtype=torch.long, device=self.device)
+        self.prev_dist = torch.zeros(num_envs, device=self.device)
+        self.lag = torch.tensor([1 - math.exp(-DT / TAU_LIN)] * 2 + [1 - math.exp(-DT / TAU_YAW)], device=self.device)
+
+    # -- state access -------------------------------------------------------------------------------------------
+    def _uniform(self, shape, low, high):
+        return low + (high - low) * torch.rand(shape, generator=self.rng, device=self.device)
+
+    def _agents_state(self):
+        xy = torch.stack([a.state.pos for a in self.agents], dim=1)  # [E, A, 2]
+        yaw = torch.remainder(torch.cat([a.state.rot for a in self.agents], dim=1), TWO_PI)  # [E, A]
+        vel = torch.stack([a.state.vel for a in self.agents], dim=1)  # [E, A, 2] world frame
+        ang_vel = torch.cat([a.state.ang_vel for a in self.agents], dim=1)  # [E, A]
+        return xy, yaw, vel, ang_vel
+
+    def _box_state(self):
+        return self.box.state.pos, torch.remainder(self.box.state.rot[:, 0], TWO_PI)
+
+    def scene(self) -> Scene:
+        xy, yaw, vel, ang_vel = self._agents_state()
+        box_xy, box_yaw = self._box_state()
+        return Scene(box_xy, box_yaw, self.target_xy, xy, yaw, rotate(vel, -yaw), ang_vel)
+
+    def _observe(self) -> torch.Tensor:
+        xy, yaw, _, _ = self._agents_state()
+        box_xy, box_yaw = self._box_state()
+        return sanitize(observations(box_xy, box_yaw, self.target_xy, xy, yaw))[0]
+
+    # -- reset ------------------------------------------------------------------------------------------------
+    def _reset_envs(self, mask: torch.Tensor) -> None:
+        """Resample the envs where mask [E] is True (spec section 3); the others keep their state."""
+        E, A = self.num_envs, self.num_agents
+        m1, m2 = mask.unsqueeze(-1), mask.view(E, 1, 1)
+        box_xy = torch.tensor([12.0, 0.0], device=self.device).expand(E, 2)
+        box_yaw = self._uniform((E, 1), -0.01, TWO_PI)
+        radius, angle = self._uniform((E, 1), 1.5, 3.0), self._uniform((E, 1), 0.0, TWO_PI)
+        target_xy = box_xy + radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+        radius, angle = self._uniform((E, A, 1), 1.2, 1.3), self._uniform((E, A, 1), -0.01, TWO_PI)
+        agent_xy = box_xy.unsqueeze(1) + radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+        agent_yaw = self._uniform((E, A), -0.01, TWO_PI)
+        agent_vel = self._uniform((E, A, 2), -0.1, 0.1)  # root velocity, world frame
+        agent_ang_vel = self._uniform((E, A), -0.1, 0.1)
+        zeros = torch.zeros(E, 2, device=self.device)
+        self.box.state.pos = torch.where(m1, box_xy, self.box.state.pos)
+        self.box.state.vel = torch.where(m1, zeros, self.box.state.vel)
+        self.box.state.rot = torch.where(m1, box_yaw, self.box.state.rot)
+        self.box.state.ang_vel = torch.where(m1, zeros[:, :1], self.box.state.ang_vel)
+        for i, agent in enumerate(self.agents):
+            agent.state.pos = torch.where(m1, agent_xy[:, i], agent.state.pos)
+            agent.state.vel = torch.where(m1, agent_vel[:, i], agent.state.vel)
+            agent.state.rot = torch.where(m1, agent_yaw[:, i : i + 1], agent.state.rot)
+            agent.state.ang_vel = torch.where(m1, agent_ang_vel[:, i : i + 1], agent.state.ang_vel)
+        # The controller starts from the spawn velocity, expressed in the body frame.
+        v_ref = torch.cat([rotate(agent_vel, -agent_yaw), agent_ang_vel.unsqueeze(-1)], dim=-1)
+        self.v_ref = torch.where(m2, v_ref, self.v_ref)
+        self.target_xy = torch.where(m1, target_xy, self.target_xy)
+        self.step_count = torch.where(mask, torch.zeros_like(self.step_count), self.step_count)
+        # No spurious distance reward on the first step of an episode (MQE compares against the old episode).
+        self.prev_dist = torch.where(mask, torch.linalg.vector_norm(box_xy - target_xy, dim=-1), self.prev_dist)
+
+    def reset(self) -> torch.Tensor:
+        self._reset_envs(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        return self._observe()
+
+    # -- step -------------------------------------------------------------------------------------------------
+    def _check_actions(self, actions) -> None:
+        expected = (self.num_envs, self.num_agents, self.action_dim)
+        if not isinstance(actions, torch.Tensor):
+            raise ValueError(f"actions must be a torch.Tensor of shape {expected}, got {type(actions).__name__}")
+        if tuple(actions.shape) != expected or actions.dtype != torch.float32 or actions.device != self.device:
+            raise ValueError(
+                f"actions must be float32 of shape {expected} on {self.device}, "
+                f"got {actions.dtype} of shape {tuple(actions.shape)} on {actions.device}"
+            )
+
+    def step(self, actions: torch.Tensor):
+        self._check_actions(actions)
+        command = ACTION_SCALE * actions.clamp(-1.0, 1.0)  # [E, A, 3] body-frame (vx, vy, yaw rate)
+        self.v_ref = self.v_ref + self.lag * (command - self.v_ref)
+        _, yaw, vel, ang_vel = self._agents_state()
+        force = AGENT_MASS * (rotate(self.v_ref[..., :2], yaw) - vel) / TAU_TRACK  # VMAS caps |force| at max_f
+        torque = self.agent_inertia * (self.v_ref[..., 2] - ang_vel) / TAU_TRACK
+        for i, agent in enumerate(self.agents):
+            agent.state.force = force[:, i]
+            agent.state.torque = torque[:, i : i + 1]
+        self.world.step()
+        self.step_count += 1
+
+        agent_xy, agent_yaw, vel, ang_vel = self._agents_state()
+        box_xy, box_yaw = self._box_state()
+        raw_obs = observations(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw)
+        finite = torch.isfinite(raw_obs)
+        obs = torch.where(finite, raw_obs, torch.zeros_like(raw_obs))
+        nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
+        dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
+        success = dist < SUCCESS_RADIUS
+        pair_dist = torch.cdist(agent_xy, agent_xy) + torch.eye(self.num_agents, device=self.device) * 1e6
+        exception = (pair_dist < COLLISION_RADIUS).flatten(1).any(1)
+        time_out = self.step_count > EPISODE_STEPS
+        reward, terms = task_rewards(box_xy, box_yaw, self.box.state.vel, self.target_xy, agent_xy, self.prev_dist,
+                                     success, exception, nonfinite)
+        self.prev_dist = dist
+        done = success | exception | time_out
+        info = {
+            "success": success,
+            "time_out": time_out,
+            "exception": exception,
+            "reward_terms": terms,
+            "final_obs": obs,
+            "final_scene": Scene(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw, rotate(vel, -agent_yaw),
+                                 ang_vel),
+            "nonfinite_obs": nonfinite,
+        }
+        if bool(done.any()):
+            self._reset_envs(done)
+            obs = self._observe()
+        return obs, reward, done, info
+
+
+class IsaacGymPushEnv:
+    """Placeholder until the Isaac Gym adapter lands."""
+
+    def __init__(self, num_envs: int, device="cuda:0", seed: int = 0, **options):
+        raise NotImplementedError("the isaacgym backend is not implemented yet")

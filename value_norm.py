@@ -1,0 +1,49 @@
+"""ValueNorm: HARL's running mean/variance normalizer for value targets (spec happo_harl.md section 4).
+
+Debiased exponential moving averages of the returns and their squares (beta = 0.99999), variance floored at 1e-2.
+The statistics are registered buffers, so `state_dict()` saves and restores them on any device (HARL's
+`nn.Parameter(...).to(device)` leaves them unregistered on CUDA and checkpoints silently lose them).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+
+class ValueNorm(nn.Module):
+    def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5, var_floor: float = 1e-2, device="cpu"):
+        super().__init__()
+        self.beta = beta
+        self.epsilon = epsilon
+        self.var_floor = var_floor
+        self.register_buffer("running_mean", torch.zeros(1, device=device))
+        self.register_buffer("running_mean_sq", torch.zeros(1, device=device))
+        self.register_buffer("debiasing_term", torch.zeros((), device=device))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """One update with the batch mean of x (any shape; HARL passes [B, 1])."""
+        x = x.to(self.running_mean.device, torch.float32)
+        w = self.beta
+        self.running_mean.mul_(w).add_((1.0 - w) * x.mean())
+        self.running_mean_sq.mul_(w).add_((1.0 - w) * (x * x).mean())
+        self.debiasing_term.mul_(w).add_(1.0 - w)
+        self.num_updates += 1
+
+    def mean_var(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        denom = self.debiasing_term.clamp(min=self.epsilon)
+        mean = self.running_mean / denom
+        mean_sq = self.running_mean_sq / denom
+        var = (mean_sq - mean * mean).clamp(min=self.var_floor)
+        return mean, var
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.mean_var()
+        return (x - mean.to(x.device)) / torch.sqrt(var).to(x.device)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.mean_var()
+        return x * torch.sqrt(var).to(x.device) + mean.to(x.device)
