@@ -214,6 +214,22 @@ class VmasPushEnv:
         box_xy, box_yaw = self._box_state()
         return sanitize(observations(box_xy, box_yaw, self.target_xy, xy, yaw))[0]
 
+    def state_dict(self) -> dict:
+        """The full dynamic state (for exact resumption); the per-env friction follows from the seed."""
+        bodies = {e.name: [e.state.pos, e.state.vel, e.state.rot, e.state.ang_vel] for e in self.world.entities}
+        return {"bodies": bodies, "target_xy": self.target_xy, "v_ref": self.v_ref, "step_count": self.step_count,
+                "prev_dist": self.prev_dist, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> torch.Tensor:
+        """Restore a `state_dict()`; returns the current observation."""
+        for entity in self.world.entities:
+            pos, vel, rot, ang_vel = (x.to(self.device) for x in state["bodies"][entity.name])
+            entity.state.pos, entity.state.vel, entity.state.rot, entity.state.ang_vel = pos, vel, rot, ang_vel
+        for name in ("target_xy", "v_ref", "step_count", "prev_dist"):
+            setattr(self, name, state[name].to(self.device))
+        self.rng.set_state(state["rng"].cpu())
+        return self._observe()
+
     # -- reset ------------------------------------------------------------------------------------------------
     def _reset_envs(self, mask: torch.Tensor) -> None:
         """Resample the envs where mask [E] is True (spec section 3); the others keep their state."""
