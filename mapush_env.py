@@ -145,7 +145,7 @@ class VmasPushEnv:
     """`go1push_mid` on VMAS physics: E envs, A agents (default 2), all state as torch tensors on `device`."""
 
     def __init__(self, num_envs: int, device="cpu", seed: int = 0, num_agents: int = 2, agent_shape: str = "disc",
-                 substeps: int = 2):
+                 substeps: int = 1):
         from vmas.simulator.core import Agent, Box, Landmark, Sphere, World
 
         if agent_shape not in ("disc", "box"):
