@@ -117,23 +117,27 @@ RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_h
                "team_reward")
 
 
+class UsageError(ValueError):
+    """Bad flags, a missing or foreign checkpoint: reported without a traceback."""
+
+
 def check_args(args: Args) -> Args:
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     positive = ("num_envs", "num_steps", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
                 "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes")
     for name in positive:
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.eval_checkpoint is None and args.num_iterations < 1:
-        raise ValueError(f"--total-timesteps {args.total_timesteps} is below one batch "
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is below one batch "
                          f"(num_envs {args.num_envs} x num_steps {args.num_steps} = {args.batch_size})")
     for name in ("actor_num_minibatches", "critic_num_minibatches"):
         if args.batch_size % getattr(args, name):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} does not divide the batch "
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} does not divide the batch "
                              f"of {args.batch_size} samples")
     return args
 
@@ -323,11 +327,11 @@ def load_checkpoint(path: str, device) -> dict:
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise ValueError(f"corrupt or unreadable checkpoint {path}: {err}") from err
+        raise UsageError(f"corrupt or unreadable checkpoint {path}: {err}") from err
     required = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration", "global_step",
                 "args", "rng", "env", "run_name"}
     if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
-        raise ValueError(f"corrupt checkpoint {path}: not a happo_mapush checkpoint "
+        raise UsageError(f"corrupt checkpoint {path}: not a happo_mapush checkpoint "
                          f"(missing {sorted(required - set(checkpoint)) if isinstance(checkpoint, dict) else 'all'})")
     return checkpoint
 
@@ -363,7 +367,7 @@ def train(args: Args) -> str:
         mismatched = [k for k in RESUME_KEYS if saved[k] != (list(getattr(args, k)) if isinstance(
             getattr(args, k), tuple) else getattr(args, k))]
         if mismatched:
-            raise ValueError("--resume: these flags differ from the checkpoint's run: "
+            raise UsageError("--resume: these flags differ from the checkpoint's run: "
                              + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (saved {saved[k]})"
                                          for k in mismatched))
         for module, state in zip(actors + [critic, value_norm], checkpoint["actors"] + [checkpoint["critic"],
@@ -559,10 +563,13 @@ def run_evaluation(args: Args) -> Tuple[float, float]:
 
 
 if __name__ == "__main__":
-    args = check_args(tyro.cli(Args))
-    if args.eval_checkpoint is not None:
-        success_rate, completion = run_evaluation(args)
-        print(f"eval {args.eval_checkpoint}: success rate {success_rate:.3f} over {args.eval_episodes} episodes, "
-              f"mean completion time {completion:.2f} s (failures count as 20 s)")
-    else:
-        print(f"checkpoint: {train(args)}")
+    try:
+        args = check_args(tyro.cli(Args))
+        if args.eval_checkpoint is not None:
+            success_rate, completion = run_evaluation(args)
+            print(f"eval {args.eval_checkpoint}: success rate {success_rate:.3f} over {args.eval_episodes} episodes, "
+                  f"mean completion time {completion:.2f} s (failures count as 20 s)")
+        else:
+            print(f"checkpoint: {train(args)}")
+    except (UsageError, FileNotFoundError) as err:  # bad flags or files: a message, no traceback
+        raise SystemExit(f"error: {err}") from None

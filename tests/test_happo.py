@@ -1,0 +1,205 @@
+"""The trainer's math: GAE with ValueNorm and time-outs, the HAPPO factor, ValueNorm update timing, critic input."""
+import copy
+
+import pytest
+import torch
+
+import happo_mapush as H
+from mapush_env import make_env
+from value_norm import ValueNorm
+
+
+def make_args(**overrides):
+    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return H.check_args(args)
+
+
+def test_gae_with_value_norm_termination_and_time_out():
+    # ValueNorm with mean 1 and std 2: D(v) = 2 v + 1.
+    vn = ValueNorm()
+    vn.update(torch.tensor([[-1.0], [3.0]]))
+    rewards = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    values = torch.tensor([[0.5], [1.0], [-0.5], [0.25]])  # normalized: D = 2, 3, 0, 1.5
+    next_value = torch.tensor([1.5])  # D = 4 (the state after the last step; unused: that step ended)
+    dones = torch.tensor([[0.0], [1.0], [0.0], [1.0]])  # step 1 terminates, step 3 times out
+    truncated = torch.tensor([[0.0], [0.0], [0.0], [1.0]])
+    final_values = torch.tensor([[0.0], [0.0], [0.0], [0.75]])  # value of the pre-reset state at step 3: D = 2.5
+    adv, ret = H.compute_gae(rewards, values, next_value, dones, truncated, final_values, 0.9, 0.8, vn.denormalize)
+    # by hand, gamma * lambda = 0.72:
+    # t=3: 4 + 0.9 * 2.5 - 1.5 = 4.75                (bootstrap from the final state, no carry)
+    # t=2: 3 + 0.9 * 1.5 - 0 = 4.35; + 0.72 * 4.75 = 7.77
+    # t=1: 2 - 3 = -1                               (terminal)
+    # t=0: 1 + 0.9 * 3 - 2 = 1.7; + 0.72 * -1 = 0.98
+    assert torch.allclose(adv.flatten(), torch.tensor([0.98, -1.0, 7.77, 4.75]), atol=1e-4)
+    assert torch.allclose(ret.flatten(), torch.tensor([2.98, 2.0, 7.77, 6.25]), atol=1e-4)
+    # a time-out without bootstrapping (HARL on MAPush) would treat step 3 as terminal: 4 - 1.5 = 2.5
+    adv_terminal, _ = H.compute_gae(rewards, values, next_value, dones, torch.zeros_like(truncated), final_values,
+                                    0.9, 0.8, vn.denormalize)
+    assert adv_terminal[3].item() == pytest.approx(2.5, abs=1e-4)
+
+
+def test_gae_bootstraps_from_next_value_when_running():
+    vn = ValueNorm()  # before any update D(v) = 0.1 v
+    adv, ret = H.compute_gae(torch.tensor([[1.0]]), torch.tensor([[10.0]]), torch.tensor([20.0]),
+                             torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), 0.5, 0.9, vn.denormalize)
+    assert adv.item() == pytest.approx(1.0 + 0.5 * 2.0 - 1.0) and ret.item() == pytest.approx(2.0)
+
+
+def actors_and_batch(num_agents=3, batch=96, seed=0):
+    torch.manual_seed(seed)
+    actors = [H.Actor(5, 2, (16,)) for _ in range(num_agents)]
+    obs = torch.randn(batch, num_agents, 5)
+    with torch.no_grad():
+        dists = [a.dist(obs[:, i]) for i, a in enumerate(actors)]
+        actions = torch.stack([d.sample() for d in dists], dim=1)
+        logprobs = torch.stack([d.log_prob(actions[:, i]).sum(-1) for i, d in enumerate(dists)], dim=1)
+    advantages = torch.randn(batch)
+    return actors, obs, actions, logprobs, advantages
+
+
+def test_factor_is_product_of_previous_agents_ratios_after_their_updates():
+    actors, obs, actions, logprobs, advantages = actors_and_batch()
+    optimizers = [torch.optim.Adam(a.parameters(), lr=3e-2, eps=1e-5) for a in actors]
+    args = make_args(ppo_epochs=3, actor_num_minibatches=2)
+    order = [2, 0, 1]
+    stats, factors = H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, order, args)
+    with torch.no_grad():  # each actor's joint ratio with its final (post-update) parameters
+        ratio = {i: (actors[i].dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) - logprobs[:, i]).exp()
+                 for i in range(3)}
+    assert (ratio[2] - 1).abs().max() > 1e-2 and (ratio[0] - 1).abs().max() > 1e-2  # the updates did something
+    assert torch.equal(factors[2], torch.ones(96))  # the first agent in the order
+    assert torch.allclose(factors[0], ratio[2], rtol=1e-5)
+    assert torch.allclose(factors[1], ratio[2] * ratio[0], rtol=1e-5)
+    assert [stats[i]["update_position"] for i in (2, 0, 1)] == [0.0, 1.0, 2.0]
+    assert not factors[1].requires_grad
+
+
+def test_factor_changes_the_update():
+    # Agent 1 trains against a factor that is not 1, so its result differs from a simultaneous (factor 1) update.
+    results = []
+    for sequential in (True, False):
+        actors, obs, actions, logprobs, advantages = actors_and_batch()
+        optimizers = [torch.optim.Adam(a.parameters(), lr=3e-2, eps=1e-5) for a in actors]
+        torch.manual_seed(1)
+        _, factors = H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, [0, 1, 2],
+                                          make_args(sequential=sequential))
+        results.append((factors, copy.deepcopy(actors[1].state_dict())))
+    (seq_factors, seq_params), (sim_factors, sim_params) = results
+    assert all(torch.equal(f, torch.ones(96)) for f in sim_factors.values())
+    assert not torch.allclose(seq_factors[1], torch.ones(96))
+    assert not torch.allclose(seq_params["mean.weight"], sim_params["mean.weight"])
+
+
+def test_actor_loss_matches_hand_computed_clipped_objective():
+    actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=1, batch=4)
+    actor = actors[0]
+    # Make the stored log-probs differ so that both clip branches occur.
+    old = logprobs[:, 0] + torch.tensor([0.5, -0.5, 0.05, 0.0])
+    adv = torch.tensor([1.0, 1.0, -2.0, 0.5])
+    with torch.no_grad():
+        new = actor.dist(obs[:, 0]).log_prob(actions[:, 0]).sum(-1)
+        r = (new - old).exp()
+    norm_adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-5)
+    expected = -torch.min(r * norm_adv, r.clamp(0.8, 1.2) * norm_adv).mean()
+    opt = torch.optim.SGD(actor.parameters(), lr=0.0)  # the loss is logged before the (no-op) step
+    stats, _ = H.happo_actor_update([actor], [opt], obs, actions, old.unsqueeze(1), adv, [0],
+                                    make_args(ppo_epochs=1, ent_coef=0.0))
+    assert stats[0]["policy_loss"] == pytest.approx(expected.item(), abs=1e-6)
+    assert stats[0]["ratio"] == pytest.approx(r.mean().item(), abs=1e-6)
+    assert stats[0]["clip_fraction"] == pytest.approx(((r - 1).abs() > 0.2).float().mean().item())
+
+
+def critic_batch(batch=64):
+    torch.manual_seed(0)
+    critic = H.Critic(17, (16,))
+    inputs = torch.randn(batch, 17)
+    with torch.no_grad():
+        old_values = critic(inputs)
+    returns = torch.randn(batch) * 3 + 2
+    return critic, inputs, old_values, returns
+
+
+@pytest.mark.parametrize("mode, epochs, minibatches, expected", [("once", 5, 1, 1), ("once", 3, 4, 1),
+                                                                  ("per-minibatch", 3, 4, 12),
+                                                                  ("per-minibatch", 5, 1, 5)])
+def test_value_norm_update_count(mode, epochs, minibatches, expected):
+    critic, inputs, old_values, returns = critic_batch()
+    vn = ValueNorm()
+    args = make_args(value_norm_update=mode, critic_epochs=epochs, critic_num_minibatches=minibatches)
+    H.critic_update(critic, torch.optim.Adam(critic.parameters(), lr=1e-3), vn, inputs, old_values, returns, args)
+    assert int(vn.num_updates) == expected
+
+
+def test_value_norm_once_is_updated_on_all_returns_before_the_critic_epochs():
+    critic, inputs, old_values, returns = critic_batch()
+    vn = ValueNorm()
+    H.critic_update(critic, torch.optim.Adam(critic.parameters(), lr=1e-3), vn, inputs, old_values, returns,
+                    make_args())
+    assert vn.mean_var()[0].item() == pytest.approx(returns.mean().item(), rel=1e-4)
+
+
+def test_clipped_huber_value_loss_by_hand():
+    critic, inputs, old_values, returns = critic_batch(batch=4)
+    vn = ValueNorm()
+    with torch.no_grad():
+        v = critic(inputs)
+    opt = torch.optim.SGD(critic.parameters(), lr=0.0)
+    old = v + torch.tensor([0.5, -0.5, 0.1, 0.0])  # pretend the rollout predicted these
+    loss, _ = H.critic_update(critic, opt, vn, inputs, old, returns, make_args(critic_epochs=1, huber_delta=1.0))
+    mean, var = vn.mean_var()
+    y = (returns - mean) / var.sqrt()
+
+    def huber(e):
+        return torch.where(e.abs() <= 1.0, 0.5 * e * e, e.abs() - 0.5)
+
+    v_clip = old + (v - old).clamp(-0.2, 0.2)
+    expected = torch.max(huber(y - v), huber(y - v_clip)).mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    loss_unclipped, _ = H.critic_update(critic, opt, ValueNorm(), inputs, old, returns,
+                                        make_args(critic_epochs=1, huber_delta=1.0, clip_vloss=False))
+    assert loss_unclipped == pytest.approx(huber(y - v).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("agent0-obs", 8)])
+def test_critic_input_width(critic_input, width):
+    args = make_args(critic_input=critic_input)
+    env = make_env("vmas", num_envs=4, seed=0)
+    obs = env.reset()
+    _, critic, _, _ = H.build_models(args, env, torch.device("cpu"))
+    assert critic.trunk[0].normalized_shape == (width,)
+    x, nonfinite = H.critic_input(args, obs, env.scene())
+    assert x.shape == (4, width) and nonfinite.item() == 0
+    if critic_input == "agent0-obs":
+        assert torch.equal(x, obs[:, 0])
+
+
+def test_networks_follow_harl_initialisation():
+    actor = H.Actor(8, 3, (128, 128))
+    dist = actor.dist(torch.randn(5, 8))
+    assert torch.allclose(dist.stddev, torch.full((5, 3), 0.5 * torch.sigmoid(torch.tensor(1.0)).item()))
+    assert dist.entropy().sum(-1).mean().item() == pytest.approx(1.2376, abs=1e-4)
+    assert dist.mean.abs().max() < 0.1  # mean head gain 0.01
+    layers = [m for m in actor.trunk]
+    assert isinstance(layers[0], torch.nn.LayerNorm)  # input feature normalization
+    assert [type(m).__name__ for m in layers[1:4]] == ["Linear", "ReLU", "LayerNorm"]
+    assert torch.count_nonzero(layers[1].bias) == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(total_timesteps=31), "below one batch"),
+    (dict(actor_num_minibatches=3), "does not divide"),
+    (dict(critic_num_minibatches=5), "does not divide"),
+    (dict(critic_input="agent1-obs"), "critic-input"),
+    (dict(team_reward="max"), "team-reward"),
+    (dict(value_norm_update="never"), "value-norm-update"),
+    (dict(env_backend="mujoco"), "env-backend"),
+    (dict(num_envs=0), "num-envs"),
+])
+def test_inconsistent_flags_are_rejected(overrides, message):
+    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    with pytest.raises(ValueError, match=message):
+        H.check_args(args)
