@@ -24,7 +24,7 @@ import tyro
 from torch import nn
 
 from global_state import build_global_state, global_state_dim
-from mapush_env import BACKENDS, DT, make_env
+from mapush_env import BACKENDS, DT, BackendUnavailable, make_env
 from value_norm import ValueNorm
 
 
@@ -526,8 +526,9 @@ def train(args: Args) -> str:
             scalars.update({"charts/episodic_return": ep[0] / ep[2], "charts/episodic_length": ep[1] / ep[2],
                             "charts/success_rate": ep[3] / ep[2], "charts/exception_rate": ep[4] / ep[2],
                             "charts/time_out_rate": ep[5] / ep[2], "charts/episodes": ep[2]})
-        for name, value in zip(term_sums, torch.stack(list(term_sums.values())).tolist()):
-            scalars[f"rewards/{name}"] = value / (num_steps * num_envs)
+        if term_sums:
+            for name, value in zip(term_sums, torch.stack(list(term_sums.values())).tolist()):
+                scalars[f"rewards/{name}"] = value / (num_steps * num_envs)
         for agent, agent_stats in actor_stats.items():
             f = factors[agent]
             agent_stats.update(zip(("factor_mean", "factor_std", "factor_min", "factor_max"),
@@ -571,5 +572,5 @@ if __name__ == "__main__":
                   f"mean completion time {completion:.2f} s (failures count as 20 s)")
         else:
             print(f"checkpoint: {train(args)}")
-    except (UsageError, FileNotFoundError) as err:  # bad flags or files: a message, no traceback
+    except (UsageError, FileNotFoundError, BackendUnavailable) as err:  # bad flags, files or installs: no traceback
         raise SystemExit(f"error: {err}") from None

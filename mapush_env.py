@@ -321,8 +321,12 @@ class VmasPushEnv:
         return obs, reward, done, info
 
 
+class BackendUnavailable(ImportError):
+    """A backend's simulator is not installed; the message says what to install."""
+
+
 class IsaacGymPushEnv:
     """Placeholder until the Isaac Gym adapter lands."""
 
     def __init__(self, num_envs: int, device="cuda:0", seed: int = 0, **options):
-        raise NotImplementedError("the isaacgym backend is not implemented yet")
+        raise BackendUnavailable("the isaacgym backend is not implemented yet")
