@@ -440,6 +440,24 @@ def test_actions_are_clipped_and_scaled():
     assert env.scene().agent_lin_vel[0, 0, 1].item() == pytest.approx(0.5, abs=0.01)
 
 
+def test_contacts_stay_stable_when_agents_squeeze_the_box():
+    # Both agents drive into the box centre at full command for 6 s (a stiff contact with the box's small yaw
+    # inertia blew up with one 20 ms substep: box speeds of 47 m/s). Contact may bounce, but must not add energy.
+    E = 512
+    env = make_env("vmas", num_envs=E, seed=0)
+    env.reset()
+    gen = torch.Generator().manual_seed(0)
+    max_speed = max_spin = 0.0
+    for _ in range(300):
+        s = env.scene()
+        towards = M.rotate(s.box_xy.unsqueeze(1) - s.agent_xy, -s.agent_yaw)
+        actions = torch.cat([2.0 * towards / towards.norm(dim=-1, keepdim=True), torch.randn(E, 2, 1, generator=gen)], -1)
+        env.step(actions)
+        max_speed = max(max_speed, env.box.state.vel.norm(dim=-1).max().item())
+        max_spin = max(max_spin, env.box.state.ang_vel.abs().max().item())
+    assert max_speed < 2.0 and max_spin < 10.0, (max_speed, max_spin)
+
+
 # -- solvability -----------------------------------------------------------------------------------------------
 
 

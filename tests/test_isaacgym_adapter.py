@@ -1,0 +1,525 @@
+"""The isaacgym backend against a fake of MQE (Isaac Gym cannot run here).
+
+The fake has MQE's attribute names, shapes and frames (spec sections 3, 4, 6, 8 of `mapush_go1push_mid.md`):
+`root_states_npc` [E*2, 13] in the world frame (box row, then target row, per env; quaternions xyzw), per-env
+different `env_origins`, `obs_buf.base_pos` env-relative, `obs_buf.lin_vel` x2.0 and `ang_vel` x0.25 (body frame),
+this step's `finished_buf` / `time_out_buf` / `exception_buf`, auto-reset inside `step`, and the wrapper's
+`reward_buffer` of sums over envs. Its episodes are scripted: in env 0 the box reaches the target on step 3, in env 1
+the episode times out on step 5, in env 2 the agents collide on step 2 (envs 3, 4, ... repeat 0, 1, 2).
+"""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import happo_mapush as H
+from global_state import build_global_state
+from mapush_env import BackendUnavailable, IsaacGymPushEnv, make_env, observations
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LEN = 4  # the fake's time-out fires when episode_length_buf > MAX_LEN
+ORIGINS = ((1.0, 13.0, 0.0), (-7.5, 4.0, 0.5), (20.0, -3.0, 0.0))  # world position of each env's origin
+BOX_YAW = (0.3, 1.0, 4.0)
+TARGET_XY = ((13.25, 0.0), (12.0, 2.5), (10.0, 0.0))  # env-relative
+AGENT_START = (((10.8, 0.3), (10.9, -0.5)), ((12.0, 1.3), (12.0, -1.3)), ((12.0, 1.3), (12.0, 0.8)))
+AGENT_DRIFT = (((0.1, 0.0), (0.1, 0.0)), ((0.1, 0.0), (0.1, 0.0)), ((0.0, -0.1), (0.0, 0.1)))  # m per step
+AGENT_YAW = ((0.5, 2.0), (3.0, 5.5), (1.0, 6.0))
+AGENT_Z, BOX_Z, TARGET_Z = 0.3, 0.25, 0.1
+TERMS = {"distance_to_target", "approach", "collision", "push", "ocb", "reach_target", "exception"}
+
+
+def state(e, k):
+    """Env-relative physical state of env e (mod 3) at step k of an episode, in plain floats."""
+    e = e % 3
+    agents = [(x + k * dx, y + k * dy) for (x, y), (dx, dy) in zip(AGENT_START[e], AGENT_DRIFT[e])]
+    return SimpleNamespace(
+        box=(12.0 + 0.1 * k, 0.0), box_yaw=BOX_YAW[e], box_vel=(5.0 if k > 0 else 0.0, 0.0), target=TARGET_XY[e],
+        agents=agents, yaw=AGENT_YAW[e],
+        vel=[(0.2 + 0.1 * e, -0.1 * i) for i in range(2)],  # body frame, m/s
+        yaw_rate=[0.3 - 0.2 * i for i in range(2)])
+
+
+class FakeGo1Object:
+    """MQE's Go1Object as the wrapper, the adapter and `scene_from_mqe` see it."""
+
+    def __init__(self, num_envs, origins):
+        self.num_envs, self.num_agents, self.num_npcs, self.device = num_envs, 2, 2, "cpu"
+        self.env_origins = torch.tensor([origins[e % 3] for e in range(num_envs)]) + torch.tensor(
+            [[100.0 * (e // 3), 0.0, 0.0] for e in range(num_envs)])
+        self.episode_length_buf = torch.zeros(num_envs, dtype=torch.long)
+        self.root_states_npc = torch.zeros(num_envs * 2, 13)
+        self.obs_buf = SimpleNamespace()
+        self.value_exception_buf = torch.zeros(num_envs, dtype=torch.bool)  # the env's own one stays False
+        self.received = []  # actions as Go1.step receives them, [E*A, 3]
+        self.poison_env = None  # an env whose box position becomes NaN
+        self._write_state()
+
+    def _write_state(self):
+        base_pos, base_rpy, lin_vel, ang_vel = [], [], [], []
+        for e in range(self.num_envs):
+            s, origin = state(e, int(self.episode_length_buf[e])), self.env_origins[e].tolist()
+            half = 0.5 * s.box_yaw
+            box = [s.box[0] + origin[0], s.box[1] + origin[1], BOX_Z + origin[2], 0.0, 0.0, math.sin(half),
+                   math.cos(half), s.box_vel[0], s.box_vel[1], 0.0, 0.0, 0.0, 0.0]
+            target = [s.target[0] + origin[0], s.target[1] + origin[1], TARGET_Z + origin[2], 0, 0, 0, 1] + [0.0] * 6
+            self.root_states_npc[2 * e] = torch.tensor(box)
+            self.root_states_npc[2 * e + 1] = torch.tensor(target)
+            if e == self.poison_env:
+                self.root_states_npc[2 * e, 0] = float("nan")
+            for i in range(2):
+                base_pos.append([s.agents[i][0], s.agents[i][1], AGENT_Z])
+                base_rpy.append([0.01, 0.02, s.yaw[i]])
+                lin_vel.append([2.0 * s.vel[i][0], 2.0 * s.vel[i][1], 2.0 * 0.05])
+                ang_vel.append([0.25 * 0.01, 0.25 * 0.02, 0.25 * s.yaw_rate[i]])
+        self.obs_buf.base_pos, self.obs_buf.base_rpy = torch.tensor(base_pos), torch.tensor(base_rpy)
+        self.obs_buf.lin_vel, self.obs_buf.ang_vel = torch.tensor(lin_vel), torch.tensor(ang_vel)
+
+    def reset(self):
+        self.episode_length_buf.zero_()
+        self._write_state()
+        return self.obs_buf
+
+    def step(self, actions):
+        self.received.append(actions.clone())
+        self.episode_length_buf += 1
+        self._write_state()
+        npc = self.root_states_npc.reshape(self.num_envs, 2, 13)
+        self.finished_buf = torch.linalg.vector_norm(npc[:, 0, :2] - npc[:, 1, :2], dim=-1) < 1.0
+        pos = self.obs_buf.base_pos.reshape(self.num_envs, 2, 3)
+        self.exception_buf = torch.linalg.vector_norm(pos[:, 0] - pos[:, 1], dim=-1) < 0.25
+        self.time_out_buf = self.episode_length_buf > MAX_LEN
+        self.reset_buf = self.finished_buf | self.exception_buf | self.time_out_buf
+        self.episode_length_buf[self.reset_buf] = 0  # auto-reset: positions seen after step are the new episode's
+        self._write_state()
+        return self.obs_buf, torch.zeros(self.num_envs * 2), self.reset_buf, {}
+
+
+class FakeUpstreamWrapper:
+    """Upstream MAPush's Go1PushMidWrapper: per-agent rewards; attributes fall through to the env (gym.Wrapper)."""
+
+    def __init__(self, env):
+        self.env = env
+        self.reward_buffer = {"distance_to_target_reward": 0, "exception_punishment": 0, "approach_to_box_reward": 0,
+                              "collision_punishment": 0, "reach_target_reward": 0, "push_reward": 0, "ocb_reward": 0,
+                              "step_count": 0}
+        self.last_box_state = None
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.env, name)
+
+    def _observe(self):
+        env = self.env
+        npc = env.root_states_npc.reshape(env.num_envs, 2, 13)
+        yaw = 2.0 * torch.atan2(npc[:, 0, 5], npc[:, 0, 6])
+        return observations(npc[:, 0, :2] - env.env_origins[:, :2], torch.remainder(yaw, 2 * math.pi),
+                            npc[:, 1, :2] - env.env_origins[:, :2], env.obs_buf.base_pos.reshape(-1, 2, 3)[..., :2],
+                            env.obs_buf.base_rpy.reshape(-1, 2, 3)[..., 2])
+
+    def reset(self):
+        self.env.reset()
+        self.last_box_state = None
+        return self._observe()
+
+    def step(self, action):
+        self.last_raw_action = action.clone()
+        action = torch.clip(action, -1.0, 1.0)
+        _, _, termination, info = self.env.step((action * 0.5).reshape(-1, 3))
+        obs = self._observe()
+        self.value_exception_buf = (~torch.isfinite(obs)).any(2).any(1)
+        obs[~torch.isfinite(obs)] = 0
+        return obs, self._rewards(), termination, info
+
+    def _rewards(self):
+        """MQE's reward terms that the scripted episodes exercise, with MQE's reward_buffer bookkeeping."""
+        env, buf = self.env, self.reward_buffer
+        npc = env.root_states_npc.reshape(env.num_envs, 2, 13)
+        box_state, target_state = npc[:, 0], npc[:, 1]
+        box_pos = box_state[:, :3] - env.env_origins
+        base_pos = env.obs_buf.base_pos.reshape(env.num_envs, 2, 3)
+        reward = torch.zeros(env.num_envs, 2)
+        buf["step_count"] += 1
+        reward[env.finished_buf, :] += 10.0
+        buf["reach_target_reward"] += 10.0 * env.finished_buf.sum().item()
+        reward[env.exception_buf, :] += -5.0
+        reward[self.value_exception_buf, :] += -5.0
+        buf["exception_punishment"] += -5.0 * (env.exception_buf.sum().item() + self.value_exception_buf.sum().item())
+        if self.last_box_state is None:
+            self.last_box_state = box_state.clone()
+        past = torch.linalg.vector_norm(self.last_box_state[:, :2] - target_state[:, :2], dim=-1)
+        dist = torch.linalg.vector_norm(box_state[:, :2] - target_state[:, :2], dim=-1)
+        distance_reward = 0.00325 * 100 * (2 * (past - dist) - 0.01 * dist)
+        reward += distance_reward.unsqueeze(1)
+        buf["distance_to_target_reward"] += torch.sum(distance_reward).cpu()
+        logger = []
+        for i in range(2):
+            approach = -((torch.linalg.vector_norm(box_pos - base_pos[:, i], dim=-1) + 0.5) ** 2) * 0.00075
+            reward[:, i] += approach
+            logger.append(torch.sum(approach).cpu())
+        buf["approach_to_box_reward"] += np.sum(np.array(logger))
+        push = 0.0015 * (torch.linalg.vector_norm(box_state[:, 7:9], dim=-1) > 0.1).float()
+        reward += push.unsqueeze(1)
+        buf["push_reward"] += torch.sum(push).cpu()
+        self.last_box_state = box_state.clone()
+        return reward
+
+
+class FakeForkWrapper(FakeUpstreamWrapper):
+    """The fork's wrapper: fork-only attributes and extra buffer keys; every agent gets the team sum."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.individualized_rewards, self.shared_gated_rewards = False, False
+        self.reward_buffer.update(goal_push_bonus=0, gating_factor=0)
+
+    def _rewards(self):
+        self.reward_buffer["gating_factor"] += 0.5  # a mean per step, not a reward sum
+        return super()._rewards().sum(dim=1, keepdim=True).expand(-1, 2)
+
+
+@pytest.fixture
+def fake_mqe(monkeypatch):
+    """Make fake `isaacgym` and `mqe` importable; returns a handle to pick the wrapper and see the calls."""
+    gymapi = types.ModuleType("isaacgym.gymapi")
+    gymapi.SIM_FLEX, gymapi.SIM_PHYSX = 0, 1
+    isaacgym = types.ModuleType("isaacgym")
+    isaacgym.gymapi = gymapi
+    handle = SimpleNamespace(wrapper_class=FakeUpstreamWrapper, origins=ORIGINS, calls=[])
+
+    def make_mqe_env(env_name, args=None, custom_cfg=None):
+        cfg = SimpleNamespace(env=SimpleNamespace(num_envs=None, record_video=None))
+        if callable(custom_cfg):
+            cfg = custom_cfg(cfg)
+        wrapper = handle.wrapper_class(FakeGo1Object(cfg.env.num_envs, handle.origins))
+        handle.calls.append(SimpleNamespace(env_name=env_name, args=args, cfg=cfg, cwd=os.getcwd(), wrapper=wrapper))
+        return wrapper, cfg
+
+    def custom_cfg(args):
+        def fn(cfg):
+            cfg.env.num_envs, cfg.env.record_video = args.num_envs, args.record_video
+            return cfg
+        return fn
+
+    utils = types.ModuleType("mqe.envs.utils")
+    utils.make_mqe_env, utils.custom_cfg = make_mqe_env, custom_cfg
+    modules = {"isaacgym": isaacgym, "isaacgym.gymapi": gymapi, "mqe": types.ModuleType("mqe"),
+               "mqe.envs": types.ModuleType("mqe.envs"), "mqe.envs.utils": utils}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("MAPUSH_ROOT", raising=False)
+    return handle
+
+
+def zero_actions(num_envs=3):
+    return torch.zeros(num_envs, 2, 3)
+
+
+def expected_scene(ks):
+    """Hand-built Scene fields (env-relative) for envs 0..len(ks)-1 at episode steps ks."""
+    states = [state(e, k) for e, k in enumerate(ks)]
+    return dict(
+        box_xy=torch.tensor([s.box for s in states]), box_yaw=torch.tensor([s.box_yaw for s in states]),
+        target_xy=torch.tensor([s.target for s in states]), agent_xy=torch.tensor([s.agents for s in states]),
+        agent_yaw=torch.tensor([s.yaw for s in states]), agent_lin_vel=torch.tensor([s.vel for s in states]),
+        agent_ang_vel=torch.tensor([s.yaw_rate for s in states]))
+
+
+def expected_global_state(ks):
+    rows = []
+    for e, k in enumerate(ks):
+        s = state(e, k)
+        row = [s.box[0], s.box[1], s.box_yaw, s.target[0], s.target[1]]
+        for i in range(2):
+            row += [s.agents[i][0], s.agents[i][1], s.yaw[i], 2.0 * s.vel[i][0], 2.0 * s.vel[i][1],
+                    0.25 * s.yaw_rate[i]]
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def test_construction_passes_mqe_its_arguments(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu", seed=7)
+    (call,) = fake_mqe.calls
+    assert call.env_name == "go1push_mid"
+    args = call.args
+    assert (args.num_envs, args.seed, args.record_video, args.headless) == (3, 7, False, True)
+    assert (args.sim_device, args.sim_device_type, args.rl_device, args.compute_device_id) == ("cpu", "cpu", "cpu", 0)
+    assert args.physics_engine == 1 and (args.use_gpu, args.use_gpu_pipeline) == (False, False)
+    assert (args.subscenes, args.num_threads) == (0, 0)
+    assert (call.cfg.env.num_envs, call.cfg.env.record_video) == (3, False)  # custom_cfg(args) was applied
+    assert (env.num_envs, env.num_agents, env.obs_dim, env.action_dim, env.episode_steps) == (3, 2, 8, 3, 1000)
+    assert env.device == torch.device("cpu")
+    assert not hasattr(env, "state_dict") and not hasattr(env, "load_state_dict")
+
+
+def test_sim_device_defaults_to_cuda0(fake_mqe):
+    env = IsaacGymPushEnv(num_envs=3)
+    args = fake_mqe.calls[0].args
+    assert (args.sim_device, args.sim_device_type, args.rl_device, args.device) == ("cuda:0", "cuda", "cuda:0", "cuda")
+    assert (args.use_gpu, args.use_gpu_pipeline, args.compute_device_id) == (True, True, 0)
+    assert env.device == torch.device("cuda:0")
+
+
+def test_builds_in_mapush_root_and_restores_cwd(fake_mqe, tmp_path, monkeypatch):
+    start, root, other = tmp_path / "start", tmp_path / "MAPush", tmp_path / "from_env"
+    for path in (start, root, other):
+        path.mkdir()
+    monkeypatch.chdir(start)
+    make_env("isaacgym", num_envs=3, device="cpu")
+    make_env("isaacgym", num_envs=3, device="cpu", mapush_root=str(root))
+    monkeypatch.setenv("MAPUSH_ROOT", str(other))
+    make_env("isaacgym", num_envs=3, device="cpu")
+    make_env("isaacgym", num_envs=3, device="cpu", mapush_root=str(root))  # the option wins over the variable
+    assert [os.path.realpath(c.cwd) for c in fake_mqe.calls] == [os.path.realpath(p) for p in (start, root, other,
+                                                                                               root)]
+    assert os.path.realpath(os.getcwd()) == os.path.realpath(start)
+
+
+def test_scene_and_global_state_are_env_relative(fake_mqe):
+    scenes = []
+    for origins in (ORIGINS, ((0.0, 0.0, 0.0),) * 3):
+        fake_mqe.origins = origins
+        env = make_env("isaacgym", num_envs=3, device="cpu")
+        env.reset()
+        env.step(zero_actions())
+        scenes.append(env.scene())
+    assert not torch.equal(torch.tensor(ORIGINS)[0], torch.tensor(ORIGINS)[1])
+    for scene in scenes:
+        for name, value in expected_scene([1, 1, 1]).items():
+            torch.testing.assert_close(getattr(scene, name), value, msg=name)
+        state_, nonfinite = build_global_state(scene)
+        torch.testing.assert_close(state_, expected_global_state([1, 1, 1]))
+        assert int(nonfinite) == 0
+
+
+def test_step_shapes_dtypes_and_raw_actions(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    obs = env.reset()
+    assert obs.shape == (3, 2, 8) and obs.dtype == torch.float32 and obs.device == torch.device("cpu")
+    actions = torch.full((3, 2, 3), 3.0)
+    actions[1, 0] = torch.tensor([-2.0, 0.4, -0.6])
+    obs, reward, done, info = env.step(actions)
+    assert obs.shape == (3, 2, 8) and obs.dtype == torch.float32
+    assert reward.shape == (3, 2) and reward.dtype == torch.float32
+    assert done.shape == (3,) and done.dtype == torch.bool
+    assert set(info) == {"success", "time_out", "exception", "reward_terms", "nonfinite_obs"}  # no final_obs/scene
+    for key in ("success", "time_out", "exception"):
+        assert info[key].shape == (3,) and info[key].dtype == torch.bool
+    assert torch.equal(info["nonfinite_obs"], torch.zeros(3, dtype=torch.long))
+    # The adapter hands MQE the raw policy actions; MQE's wrapper clips and scales them itself.
+    assert torch.equal(env.wrapper.last_raw_action, actions)
+    sent = env.wrapper.env.received[-1].reshape(3, 2, 3)
+    assert torch.equal(sent[0, 0], torch.tensor([0.5, 0.5, 0.5]))
+    assert torch.equal(sent[1, 0], torch.tensor([-0.5, 0.2, -0.3]))
+    s = expected_scene([1, 1, 1])
+    torch.testing.assert_close(obs, observations(s["box_xy"], s["box_yaw"], s["target_xy"], s["agent_xy"],
+                                                 s["agent_yaw"]))
+
+
+def test_done_flags_reasons_and_auto_reset(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    F, T = False, True
+    # step: (done, success, time_out, exception, episode step of each env after the step's auto-reset)
+    script = {1: ([F, F, F], [F, F, F], [F, F, F], [F, F, F], [1, 1, 1]),
+              2: ([F, F, T], [F, F, F], [F, F, F], [F, F, T], [2, 2, 0]),
+              3: ([T, F, F], [T, F, F], [F, F, F], [F, F, F], [0, 3, 1]),
+              4: ([F, F, T], [F, F, F], [F, F, F], [F, F, T], [1, 4, 0]),
+              5: ([F, T, F], [F, F, F], [F, T, F], [F, F, F], [2, 0, 1])}
+    for step, (done_, success, time_out, exception, ks) in script.items():
+        _, _, done, info = env.step(zero_actions())
+        assert done.tolist() == done_, step
+        assert info["success"].tolist() == success, step
+        assert info["time_out"].tolist() == time_out, step
+        assert info["exception"].tolist() == exception, step
+        scene = env.scene()  # after a done, the new episode's state
+        for name, value in expected_scene(ks).items():
+            torch.testing.assert_close(getattr(scene, name), value, msg=f"step {step} {name}")
+
+
+def test_flags_are_copies(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    env.step(zero_actions())
+    _, _, done, info = env.step(zero_actions())
+    env.wrapper.env.exception_buf.fill_(True)  # MQE may reuse its buffers in place: what was returned must not change
+    env.wrapper.env.reset_buf.fill_(True)
+    assert info["exception"].tolist() == [False, False, True] and done.tolist() == [False, False, True]
+
+
+def test_action_validation(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    with pytest.raises(ValueError, match=r"\(3, 2, 3\)"):
+        env.step(torch.zeros(3, 2, 2))
+    with pytest.raises(ValueError, match=r"float32 of shape \(3, 2, 3\)"):
+        env.step(torch.zeros(3, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"torch.Tensor of shape \(3, 2, 3\)"):
+        env.step(np.zeros((3, 2, 3), dtype=np.float32))
+    assert env.wrapper.env.received == []  # nothing reached MQE
+
+
+def per_agent_rewards_step1():
+    """Hand-computed per-agent rewards of the first step after reset (no flags; no distance progress yet)."""
+    rows = []
+    for e in range(3):
+        s = state(e, 1)
+        dist = math.hypot(s.box[0] - s.target[0], s.box[1] - s.target[1])
+        row = []
+        for ax, ay in s.agents:
+            approach = -0.00075 * (math.sqrt((s.box[0] - ax) ** 2 + (s.box[1] - ay) ** 2 + (BOX_Z - AGENT_Z) ** 2)
+                                   + 0.5) ** 2
+            row.append(0.325 * (-0.01 * dist) + approach + 0.0015)
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def test_upstream_per_agent_rewards_pass_through(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    assert env.wrapper_team_reward is False
+    env.reset()
+    _, reward, _, _ = env.step(zero_actions())
+    expected = per_agent_rewards_step1()
+    assert not torch.allclose(expected[:, 0], expected[:, 1])  # the agents' rewards differ: a sum would show
+    torch.testing.assert_close(reward, expected)
+
+
+def test_fork_team_reward_is_not_summed_twice(fake_mqe):
+    fake_mqe.wrapper_class = FakeForkWrapper
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    assert env.wrapper_team_reward is True  # detected by the fork-only attribute
+    env.reset()
+    fake_mqe.wrapper_class = FakeUpstreamWrapper
+    upstream = make_env("isaacgym", num_envs=3, device="cpu")
+    upstream.reset()
+    for _ in range(3):  # through a success and an exception
+        _, reward, _, _ = env.step(zero_actions())
+        _, per_agent, _, _ = upstream.step(zero_actions())
+        team = per_agent.sum(1)
+        assert torch.equal(reward[:, 0], reward[:, 1])
+        torch.testing.assert_close(reward[:, 0], team / 2)
+        assert torch.equal(reward.sum(1), team / 2 + team / 2)  # the trainer's sum is the team sum, not 2x
+        torch.testing.assert_close(reward.sum(1), team)
+
+
+def test_team_reward_rule_can_be_overridden(fake_mqe):
+    fake_mqe.wrapper_class = FakeForkWrapper
+    fork = make_env("isaacgym", num_envs=3, device="cpu", wrapper_team_reward=False)
+    fake_mqe.wrapper_class = FakeUpstreamWrapper
+    upstream = make_env("isaacgym", num_envs=3, device="cpu", wrapper_team_reward=True)
+    assert (fork.wrapper_team_reward, upstream.wrapper_team_reward) == (False, True)
+    fork.reset()
+    upstream.reset()
+    _, fork_reward, _, _ = fork.step(zero_actions())
+    _, halves, _, _ = upstream.step(zero_actions())
+    team = per_agent_rewards_step1().sum(1)
+    torch.testing.assert_close(fork_reward, team.unsqueeze(1).expand(3, 2))  # passed through as given
+    torch.testing.assert_close(halves, per_agent_rewards_step1() / 2)
+
+
+def test_reward_terms_are_this_steps_sums_over_envs(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.wrapper.reward_buffer["push_reward"] = 123.0  # stale sums from before reset() are dropped
+    env.reset()
+    approach1 = sum(per_agent_rewards_step1()[e, i].item() - 0.325 * (-0.01 * math.hypot(
+        state(e, 1).box[0] - state(e, 1).target[0], state(e, 1).box[1] - state(e, 1).target[1])) - 0.0015
+        for e in range(3) for i in range(2))
+    # per step: (reach_target, exception, push) sums over envs; env 2 resets on step 2, env 0 on step 3
+    expected = {1: (0.0, 0.0, 3 * 0.0015), 2: (0.0, -5.0, 2 * 0.0015), 3: (10.0, 0.0, 2 * 0.0015)}
+    for step, (reach, exception, push) in expected.items():
+        _, _, _, info = env.step(zero_actions())
+        terms = info["reward_terms"]
+        assert set(terms) == TERMS
+        for name, value in terms.items():
+            assert value.shape == (3,) and value.dtype == torch.float32
+            assert torch.equal(value, value[:1].expand(3)), name  # each env holds the mean over envs
+        sums = {name: value.sum().item() for name, value in terms.items()}
+        assert sums["reach_target"] == pytest.approx(reach, abs=1e-6)
+        assert sums["exception"] == pytest.approx(exception, abs=1e-6)
+        assert sums["push"] == pytest.approx(push, abs=1e-7)
+        assert sums["collision"] == 0.0 and sums["ocb"] == 0.0
+        if step == 1:
+            assert sums["approach"] == pytest.approx(approach1, rel=1e-5)
+            dist = [math.hypot(state(e, 1).box[0] - state(e, 1).target[0], state(e, 1).box[1] - state(e, 1).target[1])
+                    for e in range(3)]
+            assert sums["distance_to_target"] == pytest.approx(sum(-0.00325 * d for d in dist), rel=1e-5)
+
+
+def test_fork_reward_terms_keep_extra_sums_and_drop_non_sums(fake_mqe):
+    fake_mqe.wrapper_class = FakeForkWrapper
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    _, _, _, info = env.step(zero_actions())
+    assert set(info["reward_terms"]) == TERMS | {"goal_push_bonus"}  # no step_count, no gating_factor
+
+
+def test_nonfinite_observations_are_flagged(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    env.wrapper.env.poison_env = 1
+    obs, _, _, info = env.step(zero_actions())
+    assert info["nonfinite_obs"].tolist() == [0, 1, 0]
+    assert bool(torch.isfinite(obs).all())
+
+
+def test_trainer_runs_two_iterations_on_the_isaacgym_code_path(fake_mqe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = H.check_args(H.Args(env_backend="isaacgym", num_envs=3, num_steps=8, total_timesteps=2 * 3 * 8,
+                               hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False, save_interval=100))
+    path = H.train(args)
+    assert os.path.basename(path) == "checkpoint_2.pt" and path.startswith("runs" + os.sep)
+    checkpoint = torch.load(path, weights_only=True)
+    assert (checkpoint["iteration"], checkpoint["global_step"]) == (2, 48)
+    assert checkpoint["env"] is None  # MQE's simulator state is not saved
+    assert checkpoint["args"]["env_backend"] == "isaacgym"
+    (call,) = fake_mqe.calls  # one simulator per process, as Isaac Gym allows
+    assert len(call.wrapper.env.received) == 16
+    # Scripted episodes: iteration 1 (steps 1-8) ends 2 successes, 1 time-out, 4 exceptions; iteration 2 (steps
+    # 9-16) 3, 2 and 4. The trainer counts them from info and logs the reward terms per env-step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.dirname(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert logged["charts/episodes"] == [7.0, 9.0]
+    assert logged["charts/success_rate"] == pytest.approx([2 / 7, 3 / 9])
+    assert logged["charts/time_out_rate"] == pytest.approx([1 / 7, 2 / 9])
+    assert logged["charts/exception_rate"] == pytest.approx([4 / 7, 4 / 9])
+    assert logged["rewards/reach_target"] == pytest.approx([20 / 24, 30 / 24])
+    assert logged["rewards/exception"] == pytest.approx([-20 / 24, -20 / 24])
+
+
+@pytest.mark.parametrize("missing", ["isaacgym", "mqe"])
+def test_missing_isaacgym_or_mapush_is_reported(fake_mqe, monkeypatch, tmp_path, missing):
+    for name in [name for name in sys.modules if name == missing or name.startswith(missing + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails, as when it is not installed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BackendUnavailable) as err:
+        make_env("isaacgym", num_envs=3, device="cpu", mapush_root=str(ROOT))
+    message = str(err.value)
+    for needle in ("Isaac Gym Preview 4", "Python 3.8", "MAPush", "pip install -e", "--env-backend vmas"):
+        assert needle in message
+    assert isinstance(err.value, ImportError)
+    assert os.path.realpath(os.getcwd()) == os.path.realpath(tmp_path)  # the cwd is restored on failure too
+
+
+def test_trainer_without_isaacgym_exits_with_the_message(tmp_path):
+    if importlib.util.find_spec("isaacgym") and importlib.util.find_spec("mqe"):
+        pytest.skip("Isaac Gym and MQE are installed here")
+    env = {k: v for k, v in os.environ.items() if k != "MAPUSH_ROOT"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "happo_mapush.py"), "--env-backend", "isaacgym",
+                             "--num-envs", "2", "--num-steps", "2", "--total-timesteps", "4", "--no-cuda"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: the isaacgym backend needs Isaac Gym Preview 4")
+    for needle in ("Python 3.8", "MAPush", "--env-backend vmas"):
+        assert needle in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
