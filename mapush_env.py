@@ -379,8 +379,8 @@ class IsaacGymPushEnv:
             self.wrapper = self._make_wrapper(num_envs, seed)
         finally:
             os.chdir(cwd)
-        self.sim = getattr(self.wrapper, "env", self.wrapper)  # MQE's Go1Object: flags and state buffers
-        self.num_envs, self.num_agents = int(self.sim.num_envs), int(self.sim.num_agents)
+        self.base_env = getattr(self.wrapper, "env", self.wrapper)  # MQE's Go1Object: flags and state buffers
+        self.num_envs, self.num_agents = int(self.base_env.num_envs), int(self.base_env.num_agents)
         self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
         if wrapper_team_reward is None:
             wrapper_team_reward = any(hasattr(self.wrapper, name) for name in FORK_WRAPPER_ATTRIBUTES)
@@ -419,9 +419,9 @@ class IsaacGymPushEnv:
             reward = reward / self.num_agents  # equal shares of the wrapper's team sum: the trainer must not sum twice
         nonfinite = getattr(self.wrapper, "value_exception_buf", None)
         info = {  # this step's flags, set before MQE's auto-reset (spec 6.3); copied, MQE reuses its buffers
-            "success": self.sim.finished_buf.to(torch.bool, copy=True),
-            "time_out": self.sim.time_out_buf.to(torch.bool, copy=True),
-            "exception": self.sim.exception_buf.to(torch.bool, copy=True),
+            "success": self.base_env.finished_buf.to(torch.bool, copy=True),
+            "time_out": self.base_env.time_out_buf.to(torch.bool, copy=True),
+            "exception": self.base_env.exception_buf.to(torch.bool, copy=True),
             "reward_terms": self._reward_terms(),
             "nonfinite_obs": (torch.zeros(self.num_envs, dtype=torch.long, device=self.device) if nonfinite is None
                               else nonfinite.long()),
@@ -433,7 +433,9 @@ class IsaacGymPushEnv:
         if not isinstance(buffer, dict):
             return {}
         names = [name for name in buffer if name not in MQE_NOT_REWARD_SUMS]
-        sums = torch.tensor([float(buffer[name]) for name in names], device=self.device)
+        # MQE keeps tensors or floats there; stacking on the device avoids a host round trip per term and step
+        sums = torch.stack([torch.as_tensor(buffer[name], dtype=torch.float32, device=self.device).reshape(())
+                            for name in names]) if names else torch.zeros(0, device=self.device)
         for name in names:
             buffer[name] = 0  # MQE only ever adds to it; only OpenRL's logger reads it, and that resets it too
         shares = (sums / self.num_envs).unsqueeze(1).repeat(1, self.num_envs)

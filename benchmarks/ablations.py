@@ -1,0 +1,123 @@
+"""What each documented critic fix is worth: every arm against the default, same seeds and budget.
+
+For each arm and seed, trains `happo_mapush.py` with the arm's flags (plus the common flags after `--`), then reads
+the critic's value loss, explained variance and training success rate from TensorBoard and evaluates the final
+checkpoint with MAPush's calculator. Writes per-iteration curves and a summary as CSV, and a PNG, to
+benchmarks/results/.
+
+    python benchmarks/ablations.py --seeds 1 2 --parallel 2 -- --total-timesteps 5000000
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, checkpoints, evaluate_checkpoint, run_all, run_dir, scalars  # noqa: E402
+
+# Each arm changes one thing relative to the default (the documented fix or choice it undoes).
+ARMS = {
+    "default": [],
+    "critic_agent0_obs": ["--critic-input", "agent0-obs"],
+    "valuenorm_per_minibatch": ["--value-norm-update", "per-minibatch"],
+    "critic_lr_1e-4": ["--critic-lr", "1e-4"],
+    "no_clip_vloss": ["--no-clip-vloss"],
+    "critic_256x256": ["--critic-hidden-sizes", "256", "256"],
+    "no_sequential": ["--no-sequential"],
+}
+TAGS = ("losses/value_loss", "losses/explained_variance", "charts/success_rate", "charts/episodes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (1 thread each if > 1)")
+    parser.add_argument("--eval-episodes", type=int, default=256)
+    parser.add_argument("--name", default="ablations", help="output file prefix in benchmarks/results/")
+    parser.add_argument("--skip-training", action="store_true", help="only analyse existing runs")
+    parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
+    args = parser.parse_args()
+    common = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", "1000000"]
+    run_root = os.path.join(RESULTS, args.name)
+    if not args.skip_training:
+        jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in args.arms]
+        run_all(jobs, args.parallel)
+
+    curves, summary = [], []
+    for arm in args.arms:
+        for seed in args.seeds:
+            directory = run_dir(run_root, arm, seed)
+            series = scalars(directory, TAGS)
+            for tag in TAGS:
+                curves += [dict(arm=arm, seed=seed, tag=tag, env_steps=s, value=v) for s, v in series[tag]]
+            success, completion, steps = evaluate_checkpoint(checkpoints(directory)[-1][1], args.eval_episodes)
+            losses = [v for _, v in series["losses/value_loss"]]
+            ev = [v for _, v in series["losses/explained_variance"]]
+            tail = max(1, len(losses) // 5)  # the last fifth of the run
+            summary.append(dict(arm=arm, seed=seed, env_steps=steps, eval_success=success,
+                                eval_completion_s=round(completion, 3),
+                                value_loss_first_fifth=statistics.mean(losses[:tail]),
+                                value_loss_last_fifth=statistics.mean(losses[-tail:]),
+                                explained_variance_last_fifth=statistics.mean(ev[-tail:])))
+            print(summary[-1], flush=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    for rows, suffix in ((curves, "curves"), (summary, "summary")):
+        with open(os.path.join(RESULTS, f"{args.name}_{suffix}.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    print_table(summary)
+    plot(curves, os.path.join(RESULTS, f"{args.name}.png"))
+
+
+def print_table(summary) -> None:
+    """Markdown table: mean and per-seed values of each arm (pasted into the README)."""
+    print("| arm | eval success (per seed) | value loss, first -> last fifth | explained variance, last fifth |")
+    print("|---|---|---|---|")
+    for arm in dict.fromkeys(r["arm"] for r in summary):
+        rows = [r for r in summary if r["arm"] == arm]
+        mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
+        seeds = ", ".join(f"{100 * r['eval_success']:.0f}" for r in rows)
+        print(f"| {arm} | {100 * mean('eval_success'):.1f} % ({seeds}) | {mean('value_loss_first_fifth'):.4f} -> "
+              f"{mean('value_loss_last_fifth'):.4f} | {mean('explained_variance_last_fifth'):.3f} |")
+
+
+def smooth(values, width: int = 10):
+    out, acc = [], []
+    for v in values:
+        acc = (acc + [v])[-width:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot(curves, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("losses/value_loss", "critic value loss", "log"), ("losses/explained_variance",
+              "explained variance", "linear"), ("charts/success_rate", "training success rate", "linear"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    arms = list(dict.fromkeys(r["arm"] for r in curves))
+    for ax, (tag, label, scale) in zip(axes, panels):
+        for k, arm in enumerate(arms):
+            for seed in sorted({r["seed"] for r in curves if r["arm"] == arm}):
+                points = [(r["env_steps"], r["value"]) for r in curves
+                          if r["arm"] == arm and r["seed"] == seed and r["tag"] == tag]
+                if points:
+                    ax.plot([s / 1e6 for s, _ in points], smooth([v for _, v in points]), color=f"C{k}",
+                            alpha=0.85, lw=1.2, label=arm if seed == min(r["seed"] for r in curves) else None)
+        ax.set(xlabel="env steps (M)", ylabel=label, yscale=scale)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

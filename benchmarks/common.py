@@ -1,0 +1,97 @@
+"""Shared by the benchmark scripts: run the trainer as a subprocess, evaluate checkpoints, read TensorBoard."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, ROOT)
+
+
+def start_training(run_root: str, exp_name: str, seed: int, flags: Sequence[str], threads: int) -> subprocess.Popen:
+    """Start `happo_mapush.py` in `run_root` (its runs/ folder lands there); stdout goes to a log file."""
+    os.makedirs(run_root, exist_ok=True)
+    log = open(os.path.join(run_root, f"{exp_name}__{seed}.log"), "w")
+    cmd = [sys.executable, os.path.join(ROOT, "happo_mapush.py"), "--exp-name", exp_name, "--seed", str(seed),
+           "--no-cuda", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+    with open(os.path.join(run_root, f"{exp_name}__{seed}.start"), "w") as f:
+        f.write(f"{started}\n")  # lets checkpoints' file times be turned into wall-clock since the start
+    proc = subprocess.Popen(cmd, cwd=run_root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.started = started  # type: ignore[attr-defined]
+    proc.cmd = cmd  # type: ignore[attr-defined]
+    return proc
+
+
+def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int) -> Dict[Tuple[str, int], float]:
+    """Run (run_root, exp_name, seed, flags) jobs, `parallel` at a time with one thread each when parallel.
+
+    Returns the wall-clock seconds of each (exp_name, seed).
+    """
+    threads = 1 if parallel > 1 else os.cpu_count() or 1
+    pending, running, wall = list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            run_root, exp_name, seed, flags = pending.pop(0)
+            running.append((exp_name, seed, start_training(run_root, exp_name, seed, flags, threads)))
+        time.sleep(2.0)
+        for item in list(running):
+            exp_name, seed, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(proc.cmd)} failed with exit code {proc.returncode}")
+                wall[(exp_name, seed)] = time.time() - proc.started
+    return wall
+
+
+def run_dir(run_root: str, exp_name: str, seed: int) -> str:
+    found = sorted(glob.glob(os.path.join(run_root, "runs", f"*__{exp_name}__{seed}__*")))
+    if not found:
+        raise FileNotFoundError(f"no run directory for {exp_name} seed {seed} under {run_root}/runs")
+    return found[-1]
+
+
+def checkpoints(directory: str) -> List[Tuple[int, str]]:
+    """(iteration, path) of every checkpoint in a run directory, in order."""
+    paths = glob.glob(os.path.join(directory, "checkpoint_*.pt"))
+    return sorted((int(os.path.basename(p)[len("checkpoint_"):-3]), p) for p in paths)
+
+
+def evaluate_checkpoint(path: str, episodes: int, seed: int = 10_000) -> Tuple[float, float, int]:
+    """MAPush's calculator on `episodes` envs: (success rate, mean completion time s, env steps trained)."""
+    import torch
+
+    import happo_mapush as H
+    from mapush_env import make_env
+
+    checkpoint = H.load_checkpoint(path, "cpu")
+    saved = checkpoint["args"]
+    env = make_env(saved["env_backend"], num_envs=episodes, device="cpu", seed=seed)
+    actors = [H.Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"]) for _ in range(env.num_agents)]
+    for actor, state in zip(actors, checkpoint["actors"]):
+        actor.load_state_dict(state)
+    with torch.no_grad():
+        success, completion = H.evaluate(actors, env)
+    return success, completion, checkpoint["global_step"]
+
+
+def scalars(directory: str, tags: Sequence[str]) -> Dict[str, List[Tuple[int, float]]]:
+    """(step, value) series of the given TensorBoard tags (missing tags give empty lists)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(directory, size_guidance={"scalars": 0})
+    acc.Reload()
+    available = set(acc.Tags()["scalars"])
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] if t in available else [] for t in tags}
+
+
+def start_time(run_root: str, exp_name: str, seed: int) -> float:
+    with open(os.path.join(run_root, f"{exp_name}__{seed}.start")) as f:
+        return float(f.read())

@@ -1,0 +1,94 @@
+"""Render a trained policy pushing the box to a GIF, headless (matplotlib's Agg backend, no display).
+
+    python benchmarks/render_gif.py runs/RUN/checkpoint_195.pt --out benchmarks/results/push.gif
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import happo_mapush as H  # noqa: E402
+from mapush_env import AGENT_DISC_RADIUS, BOX_SIZE, DT, SUCCESS_RADIUS, make_env  # noqa: E402
+
+
+def draw(ax, scene, env_id: int, title: str) -> None:
+    from matplotlib import patches
+
+    box = scene.box_xy[env_id].tolist()
+    yaw = scene.box_yaw[env_id].item()
+    target = scene.target_xy[env_id].tolist()
+    ax.add_patch(patches.Circle(target, SUCCESS_RADIUS, fill=False, ls="--", color="tab:green"))
+    ax.add_patch(patches.Circle(target, 0.5, color="tab:green", alpha=0.35))
+    half = BOX_SIZE / 2
+    corner = (box[0] - half * (math.cos(yaw) - math.sin(yaw)), box[1] - half * (math.sin(yaw) + math.cos(yaw)))
+    ax.add_patch(patches.Rectangle(corner, BOX_SIZE, BOX_SIZE, angle=math.degrees(yaw), color="tab:brown"))
+    for i, color in enumerate(("tab:blue", "tab:orange")):
+        x, y = scene.agent_xy[env_id, i].tolist()
+        heading = scene.agent_yaw[env_id, i].item()
+        ax.add_patch(patches.Circle((x, y), AGENT_DISC_RADIUS, color=color))
+        ax.arrow(x, y, 0.35 * math.cos(heading), 0.35 * math.sin(heading), width=0.03, color="k")
+    ax.set_xlim(box[0] - 4, box[0] + 4)
+    ax.set_ylim(box[1] - 3, box[1] + 3)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "push.gif"))
+    parser.add_argument("--episodes", type=int, default=3, help="episodes to show, successful ones first")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--frame-skip", type=int, default=5, help="env steps per frame (0.1 s at 5)")
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    checkpoint = H.load_checkpoint(args.checkpoint, "cpu")
+    saved = checkpoint["args"]
+    env = make_env("vmas", num_envs=64, device="cpu", seed=args.seed)
+    actors = [H.Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"]) for _ in range(env.num_agents)]
+    for actor, state in zip(actors, checkpoint["actors"]):
+        actor.load_state_dict(state)
+    # Record all 64 envs' first episodes, then show the first few that succeed (and say how many did).
+    obs = env.reset()
+    scenes, finished = [env.scene()], torch.zeros(64, dtype=torch.bool)
+    success, length = torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.long)
+    with torch.no_grad():
+        for step in range(1, env.episode_steps + 2):
+            obs, _, done, info = env.step(torch.stack([a.dist(obs[:, i]).mean for i, a in enumerate(actors)], 1))
+            scenes.append(info["final_scene"])
+            first = done & ~finished
+            success |= first & info["success"]
+            length = torch.where(first, torch.full_like(length, step), length)
+            finished |= done
+            if bool(finished.all()):
+                break
+    shown = torch.sort((~success).int(), stable=True).indices[: args.episodes].tolist()  # successes first
+    frames = []
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    for env_id in shown:
+        for t in list(range(0, int(length[env_id]) + 1, args.frame_skip)) + [int(length[env_id])] * 8:
+            ax.clear()
+            draw(ax, scenes[t], env_id, f"t = {t * DT:4.1f} s   (success in {success.float().mean():.0%} of 64 envs)")
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=70)
+            frames.append(Image.open(buffer).convert("P", palette=Image.ADAPTIVE))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=int(1000 * DT * args.frame_skip),
+                   loop=0)
+    print(f"wrote {args.out}: {len(frames)} frames, episodes {shown}")
+
+
+if __name__ == "__main__":
+    main()
