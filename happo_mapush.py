@@ -65,9 +65,9 @@ class Args:
     """the number of epochs over the batch for each actor"""
     critic_epochs: int = 5
     """the number of epochs over the batch for the critic"""
-    actor_num_minibatches: int = 1
-    """the number of mini-batches per actor epoch"""
-    critic_num_minibatches: int = 1
+    actor_num_minibatches: int = 25
+    """the number of mini-batches per actor epoch (25 x 4096 samples: HARL upstream's 20 envs x 200 steps per step)"""
+    critic_num_minibatches: int = 25
     """the number of mini-batches per critic epoch"""
     clip_coef: float = 0.2
     """the PPO clip range, also used to clip the value function (as HARL)"""

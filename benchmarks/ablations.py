@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (1 thread each if > 1)")
     parser.add_argument("--eval-episodes", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 1 when parallel, else all)")
     parser.add_argument("--name", default="ablations", help="output file prefix in benchmarks/results/")
     parser.add_argument("--skip-training", action="store_true", help="only analyse existing runs")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
@@ -45,7 +46,7 @@ def main() -> None:
     run_root = os.path.join(RESULTS, args.name)
     if not args.skip_training:
         jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in args.arms]
-        run_all(jobs, args.parallel)
+        run_all(jobs, args.parallel, args.threads)
 
     curves, summary = [], []
     for arm in args.arms:

@@ -29,12 +29,11 @@ def start_training(run_root: str, exp_name: str, seed: int, flags: Sequence[str]
     return proc
 
 
-def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int) -> Dict[Tuple[str, int], float]:
-    """Run (run_root, exp_name, seed, flags) jobs, `parallel` at a time with one thread each when parallel.
-
-    Returns the wall-clock seconds of each (exp_name, seed).
+def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int, threads: int = 0) -> Dict[Tuple[str, int], float]:
+    """Run (run_root, exp_name, seed, flags) jobs, `parallel` at a time, each with `threads` torch threads
+    (0: one each when parallel, else all cores). Returns the wall-clock seconds of each (exp_name, seed).
     """
-    threads = 1 if parallel > 1 else os.cpu_count() or 1
+    threads = threads or (1 if parallel > 1 else os.cpu_count() or 1)
     pending, running, wall = list(jobs), [], {}
     while pending or running:
         while pending and len(running) < parallel:

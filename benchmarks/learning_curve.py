@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--eval-every", type=int, default=10, help="iterations between evaluated checkpoints")
     parser.add_argument("--eval-episodes", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 1 when parallel, else all)")
     parser.add_argument("--parallel", type=int, default=1, help="training runs at a time (1 thread each if > 1)")
     parser.add_argument("--name", default="learning_curve", help="output file prefix in benchmarks/results/")
     parser.add_argument("--skip-training", action="store_true", help="only evaluate existing runs")
@@ -31,7 +32,7 @@ def main() -> None:
     flags = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", str(args.eval_every)]
     run_root = os.path.join(RESULTS, args.name)
     if not args.skip_training:
-        wall = run_all([(run_root, args.name, seed, flags) for seed in args.seeds], args.parallel)
+        wall = run_all([(run_root, args.name, seed, flags) for seed in args.seeds], args.parallel, args.threads)
         print({f"seed {s}": f"{w / 60:.1f} min" for (_, s), w in wall.items()})
 
     rows = []

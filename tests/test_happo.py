@@ -10,7 +10,7 @@ from value_norm import ValueNorm
 
 
 def make_args(**overrides):
-    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32)
+    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32, actor_num_minibatches=1, critic_num_minibatches=1)
     for key, value in overrides.items():
         setattr(args, key, value)
     return H.check_args(args)
@@ -198,7 +198,7 @@ def test_networks_follow_harl_initialisation():
     (dict(num_envs=0), "num-envs"),
 ])
 def test_inconsistent_flags_are_rejected(overrides, message):
-    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32)
+    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32, actor_num_minibatches=1, critic_num_minibatches=1)
     for key, value in overrides.items():
         setattr(args, key, value)
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,7 @@ import mapush_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "happo_mapush.py")
 TINY = ["--num-envs", "8", "--num-steps", "16", "--hidden-sizes", "16", "16", "--critic-hidden-sizes", "16", "16",
-        "--log-interval", "1", "--no-cuda"]
+        "--log-interval", "1", "--no-cuda", "--actor-num-minibatches", "2", "--critic-num-minibatches", "4"]
 OTHER_SIZE = ["--num-envs", "16"] + TINY[2:]
 
 
@@ -146,6 +146,7 @@ def test_nan_loss_stops_after_saving_the_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(mapush_env.VmasPushEnv, "step", poisoned_step)
     args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+                  actor_num_minibatches=2, critic_num_minibatches=2,
                   save_interval=100, cuda=False)
     with pytest.raises(SystemExit) as err:
         H.train(H.check_args(args))
