@@ -142,6 +142,11 @@ def check_args(args: Args) -> Args:
     return args
 
 
+def args_dict(args: Args) -> dict:
+    """The flags as saved in checkpoints (tuples as lists, so they survive `torch.load(weights_only=True)`)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}
+
+
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.constant_(layer.bias, 0.0)
@@ -363,19 +368,18 @@ def train(args: Args) -> str:
     ep_length = torch.zeros(num_envs, device=device)
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume, device)
-        saved = checkpoint["args"]
-        mismatched = [k for k in RESUME_KEYS if saved[k] != (list(getattr(args, k)) if isinstance(
-            getattr(args, k), tuple) else getattr(args, k))]
+        saved, current = checkpoint["args"], args_dict(args)
+        mismatched = [f"--{k.replace('_', '-')} {current[k]} (saved {saved[k]})" for k in RESUME_KEYS
+                      if saved[k] != current[k]]
         if mismatched:
-            raise UsageError("--resume: these flags differ from the checkpoint's run: "
-                             + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (saved {saved[k]})"
-                                         for k in mismatched))
-        for module, state in zip(actors + [critic, value_norm], checkpoint["actors"] + [checkpoint["critic"],
-                                                                                          checkpoint["value_norm"]]):
-            module.load_state_dict(state)
-        for optimizer, state in zip(actor_optimizers + [critic_optimizer],
-                                    checkpoint["actor_optimizers"] + [checkpoint["critic_optimizer"]]):
-            optimizer.load_state_dict(state)
+            raise UsageError("--resume: these flags differ from the checkpoint's run: " + ", ".join(mismatched))
+        for actor, optimizer, a_state, o_state in zip(actors, actor_optimizers, checkpoint["actors"],
+                                                      checkpoint["actor_optimizers"]):
+            actor.load_state_dict(a_state)
+            optimizer.load_state_dict(o_state)
+        critic.load_state_dict(checkpoint["critic"])
+        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        value_norm.load_state_dict(checkpoint["value_norm"])
         start_iteration, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         run_name = checkpoint["run_name"]
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
@@ -417,7 +421,7 @@ def train(args: Args) -> str:
             "actor_optimizers": [o.state_dict() for o in actor_optimizers],
             "critic_optimizer": critic_optimizer.state_dict(), "value_norm": value_norm.state_dict(),
             "iteration": iteration, "global_step": global_step, "run_name": run_name,
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()},
+            "args": args_dict(args),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
             "env": env.state_dict() if hasattr(env, "state_dict") else None,
