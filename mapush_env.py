@@ -21,6 +21,11 @@ from global_state import TWO_PI, Scene, sanitize, scene_from_mqe
 
 BACKENDS = ("vmas", "isaacgym")
 
+
+class BackendUnavailable(ImportError):
+    """A backend's simulator is not installed; the message says what to install."""
+
+
 # Task constants (spec sections 1-6; canonical cuboid config `task/cuboid/config.py`).
 DT = 0.02  # one policy step, s (PhysX 5 ms x decimation 4)
 EPISODE_STEPS = 1000  # 20 s; the time-out fires when the step counter exceeds it, i.e. on step 1001
@@ -148,7 +153,10 @@ class VmasPushEnv:
 
     def __init__(self, num_envs: int, device="cpu", seed: int = 0, num_agents: int = 2, agent_shape: str = "disc",
                  substeps: int = 2):
-        from vmas.simulator.core import Agent, Box, Landmark, Sphere, World
+        try:
+            from vmas.simulator.core import Agent, Box, Landmark, Sphere, World
+        except ImportError as err:
+            raise BackendUnavailable(f"the vmas backend needs VMAS: pip install -r requirements.txt ({err})") from None
 
         if agent_shape not in ("disc", "box"):
             raise ValueError(f"agent_shape must be 'disc' or 'box', got {agent_shape!r}")
@@ -321,10 +329,6 @@ class VmasPushEnv:
             self._reset_envs(done)
             obs = self._observe()
         return obs, reward, done, info
-
-
-class BackendUnavailable(ImportError):
-    """A backend's simulator is not installed; the message says what to install."""
 
 
 ISAACGYM_HELP = (
