@@ -392,8 +392,10 @@ def train(args: Args) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
-        import wandb
-
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--track logs to Weights and Biases: pip install wandb") from None
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=asdict(args), name=run_name,
                    save_code=True, resume="allow")
     run_dir = os.path.join("runs", run_name)
