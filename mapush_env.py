@@ -115,6 +115,15 @@ def nearest_face_normal(q: torch.Tensor) -> torch.Tensor:
     return q.new_tensor(BOX_INWARD_NORMALS)[nearest]
 
 
+def termination(box_xy, target_xy, agent_xy, step_count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(success, exception, time_out), bool [E] each, from the post-physics state (spec section 6.1)."""
+    success = torch.linalg.vector_norm(box_xy - target_xy, dim=-1) < SUCCESS_RADIUS
+    num_agents = agent_xy.shape[1]
+    pair_dist = torch.cdist(agent_xy, agent_xy) + torch.eye(num_agents, device=agent_xy.device) * 1e6  # skip i == j
+    exception = (pair_dist < COLLISION_RADIUS).flatten(1).any(1)
+    return success, exception, step_count > EPISODE_STEPS
+
+
 def task_rewards(
     box_xy, box_yaw, box_vel, target_xy, agent_xy, prev_dist, success, exception, nonfinite
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -306,11 +315,8 @@ class VmasPushEnv:
         finite = torch.isfinite(raw_obs)
         obs = torch.where(finite, raw_obs, torch.zeros_like(raw_obs))
         nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
+        success, exception, time_out = termination(box_xy, self.target_xy, agent_xy, self.step_count)
         dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
-        success = dist < SUCCESS_RADIUS
-        pair_dist = torch.cdist(agent_xy, agent_xy) + torch.eye(self.num_agents, device=self.device) * 1e6
-        exception = (pair_dist < COLLISION_RADIUS).flatten(1).any(1)
-        time_out = self.step_count > EPISODE_STEPS
         reward, terms = task_rewards(box_xy, box_yaw, self.box.state.vel, self.target_xy, agent_xy, self.prev_dist,
                                      success, exception, nonfinite)
         self.prev_dist = dist

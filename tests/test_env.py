@@ -266,19 +266,32 @@ def test_success_radius(offset, success):
 
 @pytest.mark.parametrize("gap, collided", [(0.249, True), (0.251, False)])
 def test_collision_radius(gap, collided):
-    # The termination check sees post-physics positions; the same pure test as the env uses (pair distance < 0.25).
-    agents = torch.tensor([[[10.0, 3.0], [10.0 + gap * 0.8, 3.0 + gap * 0.6]]])
-    d = torch.cdist(agents, agents) + torch.eye(2) * 1e6
-    assert bool((d < M.COLLISION_RADIUS).any()) is collided
-    # Through the env: agents whose discs overlap separate at <= 1 m/s each, so a spawn at 0.20 m still ends the
-    # episode after one step (0.2 + 2 * 0.02 < 0.25) while one at 0.30 m does not.
+    # Agents' bases gap metres apart (any direction); three agents: only the close pair matters.
+    agents = torch.tensor([[[10.0, 3.0], [10.0 + gap * 0.8, 3.0 + gap * 0.6], [5.0, 5.0]]])
+    _, exception, _ = M.termination(torch.zeros(1, 2), torch.full((1, 2), 5.0), agents, torch.tensor([1]))
+    assert exception.item() is collided
+
+
+@pytest.mark.parametrize("start, collided", [(0.20, True), (0.30, False)])
+def test_collision_through_the_physics(start, collided):
+    # Overlapping discs separate at <= 1 m/s each, so a spawn 0.20 m apart is still inside 0.25 m after one step
+    # (0.20 + 2 x 0.02) and ends the episode, one at 0.30 m does not.
     env = make_env("vmas", num_envs=1, seed=0)
     env.reset()
-    start = 0.20 if collided else 0.30
     place(env, agent_xy=((10.0, 3.0), (10.0 + start, 3.0)))
     _, reward, done, info = env.step(zero_actions(env))
     assert info["exception"].item() is collided and done.item() is collided
     assert (info["reward_terms"]["exception"].item() == -5.0) is collided
+
+
+def test_termination_edges():
+    agents = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]]).repeat(4, 1, 1)
+    box = torch.tensor([[12.0, 0.0]]).repeat(4, 1)
+    target = box + torch.tensor([[0.999, 0.0], [0.0, 1.001], [-0.6, -0.79], [0.0, -2.0]])
+    success, exception, time_out = M.termination(box, target, agents, torch.tensor([1000, 1001, 1, 0]))
+    assert success.tolist() == [True, False, True, False]  # 0.999, 1.001, 0.992 (planar, any direction), 2.0
+    assert time_out.tolist() == [False, True, False, False]  # the step counter must exceed 1000
+    assert not exception.any()
 
 
 def test_time_out_on_step_1001():
