@@ -47,6 +47,11 @@ def main() -> None:
             print(rows[-1], flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     csv_path = os.path.join(RESULTS, f"{args.name}.csv")
+    if os.path.isfile(csv_path):  # keep the other seeds' rows, so seeds can be run one at a time
+        with open(csv_path, newline="") as f:
+            kept = [{k: float(v) if k in ("wall_clock_s", "success_rate", "completion_time_s") else int(v)
+                     for k, v in row.items()} for row in csv.DictReader(f) if int(row["seed"]) not in args.seeds]
+        rows = sorted(kept + rows, key=lambda r: (r["seed"], r["iteration"]))
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
