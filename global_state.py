@@ -84,7 +84,7 @@ def scene_from_mqe(wrapper: Any) -> Scene:
     obs_buf = env.obs_buf
     agent_xy = obs_buf.base_pos.reshape(num_envs, num_agents, 3)[..., 0:2]
     agent_yaw = torch.remainder(obs_buf.base_rpy.reshape(num_envs, num_agents, 3)[..., 2], TWO_PI)
-    # Fix: include the agents' velocities (body frame); undo MQE's observation scales, build_global_state reapplies them.
+    # Fix: include the agents' body-frame velocities; undo MQE's obs scales, build_global_state reapplies them.
     lin_vel = obs_buf.lin_vel.reshape(num_envs, num_agents, 3)[..., 0:2] / LIN_VEL_SCALE
     ang_vel = obs_buf.ang_vel.reshape(num_envs, num_agents, 3)[..., 2] / ANG_VEL_SCALE
     return Scene(box_xy, box_yaw, target_xy, agent_xy, agent_yaw, lin_vel, ang_vel)

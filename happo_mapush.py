@@ -510,24 +510,23 @@ def train(args: Args) -> str:
         with torch.no_grad():
             raw_values = value_norm.denormalize(values_buf)
             vn_mean, vn_var = value_norm.mean_var()
-            diag = torch.stack([
-                returns.mean(), returns.std(), rewards_buf.mean(), raw_values.mean(), advantages.mean(),
-                advantages.std(), vn_mean[0], vn_var[0].sqrt(),
-                1.0 - (returns - raw_values).var() / returns.var().clamp(min=1e-8),
-                nonfinite_obs.float(), nonfinite_state.float()]).tolist()
+            reduced = {
+                "losses/explained_variance": 1.0 - (returns - raw_values).var() / returns.var().clamp(min=1e-8),
+                "diagnostics/returns_mean": returns.mean(), "diagnostics/returns_std": returns.std(),
+                "diagnostics/rewards_mean": rewards_buf.mean(), "diagnostics/values_mean": raw_values.mean(),
+                "diagnostics/advantages_mean": advantages.mean(), "diagnostics/advantages_std": advantages.std(),
+                "diagnostics/value_norm_mean": vn_mean[0], "diagnostics/value_norm_std": vn_var[0].sqrt(),
+                "diagnostics/nonfinite_obs": nonfinite_obs.float(),
+                "diagnostics/nonfinite_state": nonfinite_state.float(),
+            }
+            scalars = dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))
         sps = int((global_step - start_step) / (time.time() - start_time))
         ep = episode_sums.tolist()
-        scalars = {
+        scalars.update({
             "charts/SPS": sps, "charts/learning_rate": actor_optimizers[0].param_groups[0]["lr"],
             "charts/critic_learning_rate": critic_optimizer.param_groups[0]["lr"],
             "losses/value_loss": value_loss, "losses/critic_grad_norm": critic_grad_norm,
-            "losses/explained_variance": diag[8],
-            "diagnostics/returns_mean": diag[0], "diagnostics/returns_std": diag[1],
-            "diagnostics/rewards_mean": diag[2], "diagnostics/values_mean": diag[3],
-            "diagnostics/advantages_mean": diag[4], "diagnostics/advantages_std": diag[5],
-            "diagnostics/value_norm_mean": diag[6], "diagnostics/value_norm_std": diag[7],
-            "diagnostics/nonfinite_obs": diag[9], "diagnostics/nonfinite_state": diag[10],
-        }
+        })
         if ep[2] > 0:
             scalars.update({"charts/episodic_return": ep[0] / ep[2], "charts/episodic_length": ep[1] / ep[2],
                             "charts/success_rate": ep[3] / ep[2], "charts/exception_rate": ep[4] / ep[2],
@@ -548,7 +547,7 @@ def train(args: Args) -> str:
             count, successes = interval_episodes.tolist()
             success = f"{successes / count:.3f} of {int(count)} episodes" if count > 0 else "n/a (no episode ended)"
             print(f"iter {iteration}/{args.num_iterations} step {global_step} SPS {sps} success {success} "
-                  f"value_loss {value_loss:.4f} explained_var {diag[8]:.3f}", flush=True)
+                  f"value_loss {value_loss:.4f} explained_var {scalars['losses/explained_variance']:.3f}", flush=True)
             interval_episodes.zero_()
 
         last_good = snapshot(iteration)

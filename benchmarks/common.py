@@ -29,7 +29,8 @@ def start_training(run_root: str, exp_name: str, seed: int, flags: Sequence[str]
     return proc
 
 
-def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int, threads: int = 0) -> Dict[Tuple[str, int], float]:
+def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int,
+            threads: int = 0) -> Dict[Tuple[str, int], float]:
     """Run (run_root, exp_name, seed, flags) jobs, `parallel` at a time, each with `threads` torch threads
     (0: one each when parallel, else all cores). Returns the wall-clock seconds of each (exp_name, seed).
     """

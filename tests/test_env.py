@@ -464,7 +464,8 @@ def test_contacts_stay_stable_when_agents_squeeze_the_box():
     for _ in range(300):
         s = env.scene()
         towards = M.rotate(s.box_xy.unsqueeze(1) - s.agent_xy, -s.agent_yaw)
-        actions = torch.cat([2.0 * towards / towards.norm(dim=-1, keepdim=True), torch.randn(E, 2, 1, generator=gen)], -1)
+        spin = torch.randn(E, 2, 1, generator=gen)
+        actions = torch.cat([2.0 * towards / towards.norm(dim=-1, keepdim=True), spin], -1)
         env.step(actions)
         max_speed = max(max_speed, env.box.state.vel.norm(dim=-1).max().item())
         max_spin = max(max_spin, env.box.state.ang_vel.abs().max().item())

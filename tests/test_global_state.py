@@ -32,9 +32,10 @@ def test_exact_vector_for_hand_built_scene():
 
 def test_three_agents_give_23_dims():
     s = hand_scene()
-    three = Scene(s.box_xy, s.box_yaw, s.target_xy, torch.cat([s.agent_xy, s.agent_xy[:, :1]], 1),
-                  torch.cat([s.agent_yaw, s.agent_yaw[:, :1]], 1), torch.cat([s.agent_lin_vel, s.agent_lin_vel[:, :1]], 1),
-                  torch.cat([s.agent_ang_vel, s.agent_ang_vel[:, :1]], 1))
+    def with_copy_of_agent0(x):
+        return torch.cat([x, x[:, :1]], 1)
+
+    three = Scene(s.box_xy, s.box_yaw, s.target_xy, *(with_copy_of_agent0(x) for x in s[3:]))
     state, _ = build_global_state(three)
     assert state.shape == (1, 23) and global_state_dim(3) == 23
     assert torch.allclose(state[:, 17:], state[:, 5:11])
