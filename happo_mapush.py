@@ -121,15 +121,19 @@ class UsageError(ValueError):
     """Bad flags, a missing or foreign checkpoint: reported without a traceback."""
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_args(args: Args) -> Args:
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+            raise UsageError(f"{flag(name)} must be one of {choices}, got {getattr(args, name)!r}")
     positive = ("num_envs", "num_steps", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
                 "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes")
     for name in positive:
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.eval_checkpoint is None and args.num_iterations < 1:
@@ -137,7 +141,7 @@ def check_args(args: Args) -> Args:
                          f"(num_envs {args.num_envs} x num_steps {args.num_steps} = {args.batch_size})")
     for name in ("actor_num_minibatches", "critic_num_minibatches"):
         if args.batch_size % getattr(args, name):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} does not divide the batch "
+            raise UsageError(f"{flag(name)} {getattr(args, name)} does not divide the batch "
                              f"of {args.batch_size} samples")
     return args
 
@@ -296,12 +300,15 @@ def check_finite(loss: torch.Tensor, term: str) -> None:
         raise NonFiniteLoss(term)
 
 
-def critic_input(args: Args, obs: torch.Tensor, scene) -> Tuple[torch.Tensor, torch.Tensor]:
-    """What the critic sees for one step; returns (input [E, D], non-finite entries zeroed)."""
+def critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the critic sees for one step; returns (input [E, D], non-finite entries zeroed).
+
+    `scene_fn()` gives the Scene; it is only called for the global state (agent 0's view needs none).
+    """
     if args.critic_input == "agent0-obs":
         return obs[:, 0], torch.zeros((), dtype=torch.long, device=obs.device)
     # Fix: the critic sees the global state (env-relative frame, with velocities), not agent 0's local view.
-    return build_global_state(scene)
+    return build_global_state(scene_fn())
 
 
 @torch.no_grad()
@@ -369,7 +376,7 @@ def train(args: Args) -> str:
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume, device)
         saved, current = checkpoint["args"], args_dict(args)
-        mismatched = [f"--{k.replace('_', '-')} {current[k]} (saved {saved[k]})" for k in RESUME_KEYS
+        mismatched = [f"{flag(k)} {current[k]} (saved {saved[k]})" for k in RESUME_KEYS
                       if saved[k] != current[k]]
         if mismatched:
             raise UsageError("--resume: these flags differ from the checkpoint's run: " + ", ".join(mismatched))
@@ -414,7 +421,7 @@ def train(args: Args) -> str:
     rewards_buf = torch.zeros(num_steps, num_envs, device=device)  # team reward
     dones_buf = torch.zeros(num_steps, num_envs, device=device)
     truncated_buf = torch.zeros(num_steps, num_envs, device=device)
-    next_input, nonfinite_state = critic_input(args, next_obs, env.scene())
+    next_input, nonfinite_state = critic_input(args, next_obs, env.scene)
 
     def snapshot(iteration: int) -> dict:
         """Everything needed to continue the run exactly, cloned so later updates do not change it."""
@@ -469,14 +476,14 @@ def train(args: Args) -> str:
                 if "final_scene" in info and bool(truncated.any()):
                     # A time-out is not a failure: bootstrap from the state the env had before its auto-reset.
                     truncated_buf[step] = truncated.float()
-                    final_input, _ = critic_input(args, info["final_obs"], info["final_scene"])
+                    final_input, _ = critic_input(args, info["final_obs"], lambda: info["final_scene"])
                     final_values[step] = critic(final_input) * truncated
                 else:
                     truncated_buf[step] = 0.0
                     final_values[step] = 0.0
-                next_input, nonfinite = critic_input(args, next_obs, env.scene())
+                next_input, nonfinite = critic_input(args, next_obs, env.scene)
                 nonfinite_state = nonfinite_state + nonfinite
-                nonfinite_obs = nonfinite_obs + info.get("nonfinite_obs", torch.zeros(())).sum()
+                nonfinite_obs = nonfinite_obs + info["nonfinite_obs"].sum()
                 ep_return += team_reward
                 ep_length += 1
                 episode_sums += torch.stack([(ep_return * done).sum(), (ep_length * done).sum(), done.sum(),

@@ -115,9 +115,12 @@ def nearest_face_normal(q: torch.Tensor) -> torch.Tensor:
     return q.new_tensor(BOX_INWARD_NORMALS)[nearest]
 
 
-def termination(box_xy, target_xy, agent_xy, step_count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(success, exception, time_out), bool [E] each, from the post-physics state (spec section 6.1)."""
-    success = torch.linalg.vector_norm(box_xy - target_xy, dim=-1) < SUCCESS_RADIUS
+def termination(box_target_dist, agent_xy, step_count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(success, exception, time_out), bool [E] each, from the post-physics state (spec section 6.1).
+
+    box_target_dist [E] is the planar box-target distance, agent_xy [E, A, 2], step_count [E].
+    """
+    success = box_target_dist < SUCCESS_RADIUS
     num_agents = agent_xy.shape[1]
     pair_dist = torch.cdist(agent_xy, agent_xy) + torch.eye(num_agents, device=agent_xy.device) * 1e6  # skip i == j
     exception = (pair_dist < COLLISION_RADIUS).flatten(1).any(1)
@@ -315,8 +318,8 @@ class VmasPushEnv:
         finite = torch.isfinite(raw_obs)
         obs = torch.where(finite, raw_obs, torch.zeros_like(raw_obs))
         nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
-        success, exception, time_out = termination(box_xy, self.target_xy, agent_xy, self.step_count)
         dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
+        success, exception, time_out = termination(dist, agent_xy, self.step_count)
         reward, terms = task_rewards(box_xy, box_yaw, self.box.state.vel, self.target_xy, agent_xy, self.prev_dist,
                                      success, exception, nonfinite)
         self.prev_dist = dist
@@ -448,5 +451,5 @@ class IsaacGymPushEnv:
                             for name in names]) if names else torch.zeros(0, device=self.device)
         for name in names:
             buffer[name] = 0  # MQE only ever adds to it; only OpenRL's logger reads it, and that resets it too
-        shares = (sums / self.num_envs).unsqueeze(1).repeat(1, self.num_envs)
+        shares = (sums / self.num_envs).unsqueeze(1).expand(-1, self.num_envs)
         return {MQE_REWARD_TERMS.get(name, name): shares[i] for i, name in enumerate(names)}

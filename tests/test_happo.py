@@ -169,7 +169,7 @@ def test_critic_input_width(critic_input, width):
     obs = env.reset()
     _, critic, _, _ = H.build_models(args, env, torch.device("cpu"))
     assert critic.trunk[0].normalized_shape == (width,)
-    x, nonfinite = H.critic_input(args, obs, env.scene())
+    x, nonfinite = H.critic_input(args, obs, env.scene)
     assert x.shape == (4, width) and nonfinite.item() == 0
     if critic_input == "agent0-obs":
         assert torch.equal(x, obs[:, 0])
