@@ -49,6 +49,8 @@ class Args:
     """the number of parallel envs"""
     num_steps: int = 200
     """the rollout length per env per iteration (HARL's episode_length)"""
+    random_episode_start: bool = False
+    """if toggled, each env's first episode starts at a random step, so envs do not time out in lockstep"""
     total_timesteps: int = 20_000_000
     """total env steps (one step of one env counts once, whatever the number of agents)"""
     learning_rate: float = 5e-4
@@ -371,6 +373,8 @@ def train(args: Args) -> str:
     start_iteration, global_step = 1, 0
     run_name = f"mapush_{args.env_backend}__{args.exp_name}__{args.seed}__{int(time.time())}"
     next_obs = env.reset()
+    if args.random_episode_start:
+        env.randomize_episode_start()
     ep_return = torch.zeros(num_envs, device=device)
     ep_length = torch.zeros(num_envs, device=device)
     if args.resume is not None:

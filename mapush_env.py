@@ -288,6 +288,11 @@ class VmasPushEnv:
         self._reset_envs(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
         return self._observe()
 
+    def randomize_episode_start(self) -> None:
+        """Draw every env's step counter from {0, ..., EPISODE_STEPS - 1}, so the first episodes time out at
+        different steps and the envs stop moving in lockstep; the scene is unchanged."""
+        self.step_count = torch.randint(0, EPISODE_STEPS, (self.num_envs,), generator=self.rng, device=self.device)
+
     # -- step -------------------------------------------------------------------------------------------------
     def _check_actions(self, actions) -> None:
         expected = (self.num_envs, self.num_agents, self.action_dim)
@@ -423,6 +428,11 @@ class IsaacGymPushEnv:
         obs = self.wrapper.reset()
         self._reward_terms()  # drop anything accumulated before, so the first step's terms are that step's
         return obs.float()
+
+    def randomize_episode_start(self) -> None:
+        """As `VmasPushEnv.randomize_episode_start`, on MQE's `episode_length_buf` (torch's global generator)."""
+        buf = self.base_env.episode_length_buf
+        buf[:] = torch.randint(0, EPISODE_STEPS, buf.shape, device=buf.device).to(buf.dtype)
 
     def step(self, actions: torch.Tensor):
         self._check_actions(actions)

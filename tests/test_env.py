@@ -305,6 +305,36 @@ def test_time_out_on_step_1001():
     assert (env.step_count == 0).all()
 
 
+def test_random_episode_start_desynchronizes_time_outs_only():
+    env = make_env("vmas", num_envs=4000, seed=3)
+    obs = env.reset()
+    before = env.state_dict()
+    env.randomize_episode_start()
+    counts = env.step_count.clone()
+    assert counts.min() >= 0 and counts.max() <= M.EPISODE_STEPS - 1
+    assert counts.unique().numel() > 900  # spread over the episode, not one shared phase
+    assert abs(counts.float().mean().item() - (M.EPISODE_STEPS - 1) / 2) < 20
+    torch.testing.assert_close(env._observe(), obs)  # the scene itself is untouched
+    for name, tensors in before["bodies"].items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, env.state_dict()["bodies"][name])), name
+    again = make_env("vmas", num_envs=4000, seed=3)
+    again.reset()
+    again.randomize_episode_start()
+    assert torch.equal(again.step_count, counts)  # drawn from the env's seeded generator
+
+    small = make_env("vmas", num_envs=3, seed=0)
+    small.reset()
+    place(small)
+    small.step_count = torch.tensor([0, 990, 1000])  # as if drawn: time-outs on steps 1001, 11 and 1
+    first_done, first_was_time_out = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.bool)
+    for step in range(1, 1002):
+        _, _, done, info = small.step(zero_actions(small))
+        new = done & (first_done == 0)
+        first_done[new] = step
+        first_was_time_out |= new & info["time_out"]
+    assert first_done.tolist() == [1001, 11, 1] and first_was_time_out.all()
+
+
 def test_spawn_collision_rate():
     env = make_env("vmas", num_envs=20000, seed=5)
     env.reset()

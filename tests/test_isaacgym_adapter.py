@@ -21,7 +21,7 @@ import torch
 
 import happo_mapush as H
 from global_state import build_global_state
-from mapush_env import BackendUnavailable, IsaacGymPushEnv, make_env, observations
+from mapush_env import EPISODE_STEPS, BackendUnavailable, IsaacGymPushEnv, make_env, observations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 4  # the fake's time-out fires when episode_length_buf > MAX_LEN
@@ -342,6 +342,17 @@ def test_done_flags_reasons_and_auto_reset(fake_mqe):
         scene = env.scene()  # after a done, the new episode's state
         for name, value in expected_scene(ks).items():
             torch.testing.assert_close(getattr(scene, name), value, msg=f"step {step} {name}")
+
+
+def test_random_episode_start_sets_mqe_episode_length_buf(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    torch.manual_seed(0)
+    expected = torch.randint(0, EPISODE_STEPS, (3,))
+    torch.manual_seed(0)
+    env.randomize_episode_start()
+    buf = env.base_env.episode_length_buf
+    assert buf.dtype == torch.long and torch.equal(buf, expected)
 
 
 def test_flags_are_copies(fake_mqe):

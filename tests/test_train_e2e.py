@@ -156,3 +156,25 @@ def test_nan_loss_stops_after_saving_the_last_good_checkpoint(tmp_path, monkeypa
     assert len(saved) == 1
     state = H.load_checkpoint(saved[0], "cpu")
     assert state["iteration"] == 2 and all(torch.isfinite(t).all() for t in params(saved[0]))
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_random_episode_start_reaches_the_first_rollout(tmp_path, monkeypatch, random_start):
+    monkeypatch.chdir(tmp_path)
+    real_step = mapush_env.VmasPushEnv.step
+    first_counts = []
+
+    def spying_step(self, actions):
+        if not first_counts:
+            first_counts.append(self.step_count.clone())  # the counters the first rollout step starts from
+        return real_step(self, actions)
+
+    monkeypatch.setattr(mapush_env.VmasPushEnv, "step", spying_step)
+    args = H.Args(num_envs=64, num_steps=4, total_timesteps=64 * 4, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+                  actor_num_minibatches=1, critic_num_minibatches=1, random_episode_start=random_start, cuda=False)
+    H.train(H.check_args(args))
+    counts = first_counts[0]
+    if random_start:
+        assert counts.unique().numel() > 32 and counts.max() < mapush_env.EPISODE_STEPS
+    else:
+        assert (counts == 0).all()
