@@ -75,6 +75,8 @@ class Args:
     """the PPO clip range, also used to clip the value function (as HARL)"""
     clip_vloss: bool = True
     """if toggled, use the clipped value loss (max of clipped and unclipped Huber losses)"""
+    tanh_mean: bool = False
+    """if toggled, the policy's mean is squashed by tanh into the env's action range (-1, 1)"""
     ent_coef: float = 0.01
     """the entropy bonus coefficient"""
     gamma: float = 0.99
@@ -116,7 +118,7 @@ CHOICES = {"env_backend": BACKENDS, "team_reward": ("sum", "mean"), "critic_inpu
            "value_norm_update": ("once", "per-minibatch")}
 # Flags that must match the checkpoint when resuming: they change shapes, data or the meaning of the run.
 RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_hidden_sizes", "critic_input", "seed",
-               "team_reward")
+               "team_reward", "tanh_mean")
 
 
 class UsageError(ValueError):
@@ -169,16 +171,22 @@ def mlp_trunk(in_dim: int, hidden_sizes) -> nn.Sequential:
 
 
 class Actor(nn.Module):
-    """Gaussian policy with a state-independent std = 0.5 * sigmoid(logit), logit initialised to 1 (HARL)."""
+    """Gaussian policy with a state-independent std = 0.5 * sigmoid(logit), logit initialised to 1 (HARL).
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes):
+    tanh_mean bounds the mean to the env's action range (-1, 1); HARL's mean is unbounded."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, tanh_mean: bool = False):
         super().__init__()
         self.trunk = mlp_trunk(obs_dim, hidden_sizes)
         self.mean = layer_init(nn.Linear(hidden_sizes[-1], action_dim), 0.01)
         self.std_logit = nn.Parameter(torch.ones(action_dim))
+        self.tanh_mean = tanh_mean
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(self.mean(self.trunk(obs)), 0.5 * torch.sigmoid(self.std_logit))
+        mean = self.mean(self.trunk(obs))
+        if self.tanh_mean:
+            mean = torch.tanh(mean)
+        return torch.distributions.Normal(mean, 0.5 * torch.sigmoid(self.std_logit))
 
 
 class Critic(nn.Module):
@@ -352,7 +360,8 @@ def load_checkpoint(path: str, device) -> dict:
 
 def build_models(args: Args, env, device):
     state_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
-    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes).to(device) for _ in range(env.num_agents)]
+    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes, args.tanh_mean).to(device)
+              for _ in range(env.num_agents)]
     critic = Critic(state_dim, args.critic_hidden_sizes).to(device)
     # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor (no parameter sharing).
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5) for a in actors]
@@ -573,7 +582,8 @@ def run_evaluation(args: Args) -> Tuple[float, float]:
     checkpoint = load_checkpoint(args.eval_checkpoint, device)
     saved = checkpoint["args"]
     env = make_env(saved["env_backend"], num_envs=args.eval_episodes, device=device, seed=args.seed)
-    actors = [Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"]).to(device) for _ in range(env.num_agents)]
+    actors = [Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False)).to(device)
+              for _ in range(env.num_agents)]
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
     return evaluate(actors, env)

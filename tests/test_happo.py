@@ -187,6 +187,24 @@ def test_networks_follow_harl_initialisation():
     assert torch.count_nonzero(layers[1].bias) == 0
 
 
+def test_tanh_mean_bounds_only_the_mean():
+    torch.manual_seed(0)
+    plain, squashed = H.Actor(8, 3, (16,)), H.Actor(8, 3, (16,), tanh_mean=True)
+    squashed.load_state_dict(plain.state_dict())  # same parameters: only the squashing differs
+    with torch.no_grad():
+        plain.mean.weight.mul_(1000.0)
+        squashed.mean.weight.mul_(1000.0)
+    obs = torch.randn(64, 8)
+    raw, bounded = plain.dist(obs), squashed.dist(obs)
+    assert raw.mean.abs().max() > 5.0  # HARL's unbounded mean leaves the env's action range
+    torch.testing.assert_close(bounded.mean, torch.tanh(raw.mean))
+    assert bounded.mean.abs().max() <= 1.0
+    torch.testing.assert_close(bounded.stddev, raw.stddev)
+    action = torch.full((64, 3), 0.3)
+    expected = torch.distributions.Normal(torch.tanh(raw.mean), raw.stddev).log_prob(action)
+    torch.testing.assert_close(bounded.log_prob(action), expected)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(total_timesteps=31), "below one batch"),
     (dict(actor_num_minibatches=3), "does not divide"),
