@@ -75,6 +75,8 @@ class Args:
     """the PPO clip range, also used to clip the value function (as HARL)"""
     clip_vloss: bool = True
     """if toggled, use the clipped value loss (max of clipped and unclipped Huber losses)"""
+    input_norm: str = "layernorm"
+    """how actors and critic normalize their input: `layernorm` per sample (HARL) or `running` per-feature statistics"""
     tanh_mean: bool = False
     """if toggled, the policy's mean is squashed by tanh into the env's action range (-1, 1)"""
     ent_coef: float = 0.01
@@ -115,10 +117,10 @@ class Args:
 
 
 CHOICES = {"env_backend": BACKENDS, "team_reward": ("sum", "mean"), "critic_input": ("global-state", "agent0-obs"),
-           "value_norm_update": ("once", "per-minibatch")}
+           "value_norm_update": ("once", "per-minibatch"), "input_norm": ("layernorm", "running")}
 # Flags that must match the checkpoint when resuming: they change shapes, data or the meaning of the run.
 RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_hidden_sizes", "critic_input", "seed",
-               "team_reward", "tanh_mean")
+               "team_reward", "tanh_mean", "input_norm")
 
 
 class UsageError(ValueError):
@@ -161,9 +163,36 @@ def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
-def mlp_trunk(in_dim: int, hidden_sizes) -> nn.Sequential:
-    """HARL's MLPBase: per-sample LayerNorm of the input, then Linear -> ReLU -> LayerNorm per hidden layer."""
-    layers: List[nn.Module] = [nn.LayerNorm(in_dim)]
+class RunningNorm(nn.Module):
+    """Per-feature running mean and variance of the inputs over all samples seen (Chan et al.'s parallel update),
+    applied as (x - mean) / std, clipped to +-10. `update` runs once per iteration *after* the updates, so the
+    log-probs and values stored during the rollout stay those of the networks that are updated against them."""
+
+    def __init__(self, dim: int, epsilon: float = 1e-8, clip: float = 10.0):
+        super().__init__()
+        self.epsilon, self.clip = epsilon, clip
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.tensor(1e-4))  # the identity until the first update
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.epsilon)).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.mean.shape[0])
+        n, batch_mean, batch_var = x.shape[0], x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+
+def mlp_trunk(in_dim: int, hidden_sizes, input_norm: str = "layernorm") -> nn.Sequential:
+    """HARL's MLPBase: per-sample LayerNorm of the input, then Linear -> ReLU -> LayerNorm per hidden layer.
+    `input_norm="running"` replaces the input LayerNorm by per-feature running statistics (`RunningNorm`)."""
+    layers: List[nn.Module] = [nn.LayerNorm(in_dim) if input_norm == "layernorm" else RunningNorm(in_dim)]
     for size in hidden_sizes:
         layers += [layer_init(nn.Linear(in_dim, size), nn.init.calculate_gain("relu")), nn.ReLU(), nn.LayerNorm(size)]
         in_dim = size
@@ -175,9 +204,10 @@ class Actor(nn.Module):
 
     tanh_mean bounds the mean to the env's action range (-1, 1); HARL's mean is unbounded."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, tanh_mean: bool = False):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, tanh_mean: bool = False,
+                 input_norm: str = "layernorm"):
         super().__init__()
-        self.trunk = mlp_trunk(obs_dim, hidden_sizes)
+        self.trunk = mlp_trunk(obs_dim, hidden_sizes, input_norm)
         self.mean = layer_init(nn.Linear(hidden_sizes[-1], action_dim), 0.01)
         self.std_logit = nn.Parameter(torch.ones(action_dim))
         self.tanh_mean = tanh_mean
@@ -192,9 +222,9 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     """V(s) in ValueNorm's normalized space."""
 
-    def __init__(self, in_dim: int, hidden_sizes):
+    def __init__(self, in_dim: int, hidden_sizes, input_norm: str = "layernorm"):
         super().__init__()
-        self.trunk = mlp_trunk(in_dim, hidden_sizes)
+        self.trunk = mlp_trunk(in_dim, hidden_sizes, input_norm)
         self.head = layer_init(nn.Linear(hidden_sizes[-1], 1), 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,11 +388,16 @@ def load_checkpoint(path: str, device) -> dict:
     return checkpoint
 
 
+def make_actor(env, saved: dict) -> Actor:
+    """An actor as described by a run's flags (checkpoints from before a flag existed get its old behaviour)."""
+    return Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False),
+                 saved.get("input_norm", "layernorm"))
+
+
 def build_models(args: Args, env, device):
     state_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
-    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes, args.tanh_mean).to(device)
-              for _ in range(env.num_agents)]
-    critic = Critic(state_dim, args.critic_hidden_sizes).to(device)
+    actors = [make_actor(env, args_dict(args)).to(device) for _ in range(env.num_agents)]
+    critic = Critic(state_dim, args.critic_hidden_sizes, args.input_norm).to(device)
     # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor (no parameter sharing).
     actor_optimizers = [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5) for a in actors]
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
@@ -424,7 +459,7 @@ def train(args: Args) -> str:
                                                                            asdict(args).items()))
 
     # Rollout storage, time-major like HARL's buffers.
-    state_dim = critic.trunk[0].normalized_shape[0]
+    state_dim = critic.trunk[1].in_features
     obs_buf = torch.zeros(num_steps, num_envs, num_agents, env.obs_dim, device=device)
     actions_buf = torch.zeros(num_steps, num_envs, num_agents, env.action_dim, device=device)
     logprobs_buf = torch.zeros(num_steps, num_envs, num_agents, device=device)  # joint over action dims
@@ -525,6 +560,10 @@ def train(args: Args) -> str:
             writer.close()
             raise SystemExit(f"non-finite {err} at iteration {iteration}; stopped. The last good checkpoint "
                              f"(iteration {last_good['iteration']}) is {path}") from None
+        if args.input_norm == "running":  # after the updates: they compared against the rollout's own statistics
+            for i, actor in enumerate(actors):
+                actor.trunk[0].update(obs_buf[:, :, i])
+            critic.trunk[0].update(critic_inputs)
 
         # Logging: everything is reduced on the device, then fetched once.
         with torch.no_grad():
@@ -582,8 +621,7 @@ def run_evaluation(args: Args) -> Tuple[float, float]:
     checkpoint = load_checkpoint(args.eval_checkpoint, device)
     saved = checkpoint["args"]
     env = make_env(saved["env_backend"], num_envs=args.eval_episodes, device=device, seed=args.seed)
-    actors = [Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False)).to(device)
-              for _ in range(env.num_agents)]
+    actors = [make_actor(env, saved).to(device) for _ in range(env.num_agents)]
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
     return evaluate(actors, env)

@@ -74,7 +74,7 @@ def evaluate_checkpoint(path: str, episodes: int, seed: int = 10_000) -> Tuple[f
     checkpoint = H.load_checkpoint(path, "cpu")
     saved = checkpoint["args"]
     env = make_env(saved["env_backend"], num_envs=episodes, device="cpu", seed=seed)
-    actors = [H.Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False)) for _ in range(env.num_agents)]
+    actors = [H.make_actor(env, saved) for _ in range(env.num_agents)]
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def main() -> None:
     checkpoint = H.load_checkpoint(args.checkpoint, "cpu")
     saved = checkpoint["args"]
     env = make_env("vmas", num_envs=64, device="cpu", seed=args.seed)
-    actors = [H.Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False)) for _ in range(env.num_agents)]
+    actors = [H.make_actor(env, saved) for _ in range(env.num_agents)]
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
     # Record all 64 envs' first episodes, then show the first few that succeed (and say how many did).
