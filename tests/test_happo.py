@@ -212,6 +212,7 @@ def test_tanh_mean_bounds_only_the_mean():
     (dict(critic_input="agent1-obs"), "critic-input"),
     (dict(team_reward="max"), "team-reward"),
     (dict(value_norm_update="never"), "value-norm-update"),
+    (dict(input_norm="batch"), "input-norm"),
     (dict(env_backend="mujoco"), "env-backend"),
     (dict(num_envs=0), "num-envs"),
 ])
@@ -221,3 +222,43 @@ def test_inconsistent_flags_are_rejected(overrides, message):
         setattr(args, key, value)
     with pytest.raises(ValueError, match=message):
         H.check_args(args)
+
+
+def test_running_norm_matches_the_statistics_of_all_samples_seen():
+    torch.manual_seed(0)
+    norm = H.RunningNorm(3)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(norm(x), x / (1 + 1e-8) ** 0.5)  # the identity before the first update
+    batches = [torch.randn(40, 7, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([12.0, -3.0, 0.5])
+               for _ in range(4)]
+    for batch in batches:
+        norm.update(batch)
+    seen = torch.cat([b.reshape(-1, 3) for b in batches]).double()
+    torch.testing.assert_close(norm.mean.double(), seen.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.var.double(), seen.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    assert norm.count.item() == pytest.approx(4 * 40 * 7, abs=1e-3)
+    z = norm(seen[:10].float())
+    torch.testing.assert_close(z, ((seen[:10] - seen.mean(0)) / seen.std(0, unbiased=False)).float(),
+                               rtol=1e-4, atol=1e-4)
+    assert norm(torch.full((1, 3), 1e6)).max().item() == 10.0  # clipped
+
+
+def test_running_norm_updates_once_per_iteration_after_the_updates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    events = []
+    real_actor, real_critic, real_norm = H.happo_actor_update, H.critic_update, H.RunningNorm.update
+    monkeypatch.setattr(H, "happo_actor_update", lambda *a, **k: (events.append("actors"), real_actor(*a, **k))[1])
+    monkeypatch.setattr(H, "critic_update", lambda *a, **k: (events.append("critic"), real_critic(*a, **k))[1])
+    monkeypatch.setattr(H.RunningNorm, "update", lambda self, x: (events.append("norm"), real_norm(self, x))[1])
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 2, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+                  actor_num_minibatches=2, critic_num_minibatches=2, input_norm="running", cuda=False)
+    path = H.train(H.check_args(args))
+    # per iteration: both actors, the critic, then the 2 actor normalizers and the critic's
+    assert events == ["actors", "critic", "norm", "norm", "norm"] * 2
+    state = H.load_checkpoint(path, "cpu")
+    for sd in state["actors"] + [state["critic"]]:
+        assert sd["trunk.0.count"].item() == pytest.approx(2 * 16 * 8, abs=1e-3)
+    assert state["critic"]["trunk.0.mean"].shape == (17,)
+    assert state["critic"]["trunk.0.mean"][0].item() == pytest.approx(12.0, abs=0.1)  # box x, env-relative
+    env = make_env("vmas", num_envs=2)
+    H.make_actor(env, state["args"]).load_state_dict(state["actors"][0])  # evaluation rebuilds the same actor
