@@ -47,9 +47,9 @@ class Args:
     """the MAPush backend: `vmas` (embedded, any machine) or `isaacgym` (MAPush/MQE, CUDA, Python 3.8)"""
     num_envs: int = 512
     """the number of parallel envs"""
-    num_steps: int = 200
-    """the rollout length per env per iteration (HARL's episode_length)"""
-    random_episode_start: bool = False
+    num_steps: int = 50
+    """the rollout length per env per iteration (HARL's episode_length is 200; 50 gives 4x the policy updates)"""
+    random_episode_start: bool = True
     """if toggled, each env's first episode starts at a random step, so envs do not time out in lockstep"""
     total_timesteps: int = 20_000_000
     """total env steps (one step of one env counts once, whatever the number of agents)"""
@@ -67,9 +67,9 @@ class Args:
     """the number of epochs over the batch for each actor"""
     critic_epochs: int = 5
     """the number of epochs over the batch for the critic"""
-    actor_num_minibatches: int = 25
-    """the number of mini-batches per actor epoch (25 x 4096 samples: HARL upstream's 20 envs x 200 steps per step)"""
-    critic_num_minibatches: int = 25
+    actor_num_minibatches: int = 5
+    """the number of mini-batches per actor epoch (5 x 5,120 samples)"""
+    critic_num_minibatches: int = 5
     """the number of mini-batches per critic epoch"""
     clip_coef: float = 0.2
     """the PPO clip range, also used to clip the value function (as HARL)"""

@@ -5,8 +5,8 @@ forward passes during the rollout, the actor and critic updates, GAE, the critic
 snapshot. Everything not covered is the rollout loop's own bookkeeping (sampling, log-probs, storage, episode stats).
 Also reports env-only steps/s at the same number of envs.
 
-    python benchmarks/profile_training.py                      # default flags, 6 iterations
-    python benchmarks/profile_training.py --iterations 3 -- --num-envs 2048
+    python benchmarks/profile_training.py                      # default flags, 614,400 env steps
+    python benchmarks/profile_training.py --env-steps 307200 -- --num-envs 2048
 """
 from __future__ import annotations
 
@@ -57,11 +57,11 @@ def update_phase(name, fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--env-steps", type=int, default=614_400, help="rounded down to whole iterations")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for happo_mapush")
     cli = parser.parse_args()
     args = tyro.cli(H.Args, args=[f for f in cli.trainer_flags if f != "--"])
-    args.total_timesteps = cli.iterations * args.num_envs * args.num_steps
+    args.total_timesteps = cli.env_steps
     args = H.check_args(args)
 
     H.happo_actor_update = update_phase("actor updates", H.happo_actor_update)
@@ -72,6 +72,7 @@ def main() -> None:
     mapush_env.VmasPushEnv.scene = timed("critic input (global state)", mapush_env.VmasPushEnv.scene)
     H.Actor.dist = timed("policy inference (rollout)", H.Actor.dist, rollout_only=True)
     H.Critic.forward = timed("critic inference (rollout)", H.Critic.forward, rollout_only=True)
+    H.RunningNorm.update = timed("input statistics update", H.RunningNorm.update)
     from torch.utils.tensorboard import SummaryWriter
 
     SummaryWriter.add_scalar = timed("logging", SummaryWriter.add_scalar)

@@ -208,7 +208,7 @@ def test_tanh_mean_bounds_only_the_mean():
 @pytest.mark.parametrize("overrides, message", [
     (dict(total_timesteps=31), "below one batch"),
     (dict(actor_num_minibatches=3), "does not divide"),
-    (dict(critic_num_minibatches=5), "does not divide"),
+    (dict(critic_num_minibatches=7), "does not divide"),
     (dict(critic_input="agent1-obs"), "critic-input"),
     (dict(team_reward="max"), "team-reward"),
     (dict(value_norm_update="never"), "value-norm-update"),
