@@ -1,0 +1,110 @@
+"""What a policy does, and what the reward pays for doing it.
+
+With a checkpoint: rolls out its deterministic policy (the mean action, as the calculator does) on `--envs` envs for
+`--steps` steps and prints, per agent and action dim (vx, vy, yaw rate), the mean action, the share of steps where the
+mean lies outside the env's [-1, 1] clip range, and the policy's std; then the mean agent-box distance, agent
+separation and box-target distance over time (envs counted until their first episode ends).
+
+With `--reference-policies`: the team return over `--steps` steps (undiscounted and at gamma 0.99) of three
+hand-written policies on the same envs: the scripted pusher of the tests, agents fleeing each other at full speed,
+and agents standing still. Shows whether the reward itself prefers pushing.
+
+    python benchmarks/policy_diagnostics.py runs/RUN/checkpoint_781.pt
+    python benchmarks/policy_diagnostics.py --reference-policies
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import happo_mapush as H  # noqa: E402
+from mapush_env import make_env, rotate  # noqa: E402
+from scripted_pusher import scripted_actions  # noqa: E402
+
+DIMS = ("vx", "vy", "yaw rate")
+
+
+def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
+    checkpoint = H.load_checkpoint(path, "cpu")
+    env = make_env(checkpoint["args"]["env_backend"], num_envs=envs, device="cpu", seed=seed)
+    actors = [H.make_actor(env, checkpoint["args"]) for _ in range(env.num_agents)]
+    for actor, state in zip(actors, checkpoint["actors"]):
+        actor.load_state_dict(state)
+    obs, means, alive = env.reset(), [], torch.ones(envs, dtype=torch.bool)
+    print(f"{path} (iteration {checkpoint['iteration']}, {checkpoint['global_step']} env steps)")
+    print("step | envs in their first episode | agent-box distance (m) | agent separation (m) | box-target (m)")
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            mean = torch.stack([actor.dist(obs[:, i]).mean for i, actor in enumerate(actors)], dim=1)
+        means.append(mean[alive])
+        obs, _, done, _ = env.step(mean)
+        scene = env.scene()
+        if step in (1, 50, 100, 200, 300, 500, 1000) and alive.any():
+            box_dist = torch.linalg.vector_norm(scene.agent_xy - scene.box_xy.unsqueeze(1), dim=-1)[alive].mean()
+            separation = torch.linalg.vector_norm(scene.agent_xy[:, 0] - scene.agent_xy[:, 1], dim=-1)[alive].mean()
+            target = torch.linalg.vector_norm(scene.box_xy - scene.target_xy, dim=-1)[alive].mean()
+            print(f"{step} | {int(alive.sum())} | {box_dist:.2f} | {separation:.2f} | {target:.2f}")
+        alive &= ~done
+    means = torch.cat(means)  # [samples, agents, 3]
+    print("agent | dim | mean action | share of |mean| > 1 | std")
+    for i, actor in enumerate(actors):
+        std = (0.5 * torch.sigmoid(actor.std_logit)).tolist()
+        for d, name in enumerate(DIMS):
+            m = means[:, i, d]
+            print(f"{i} | {name} | {m.mean():+.2f} | {(m.abs() > 1).float().mean():.2f} | {std[d]:.3f}")
+
+
+def flee(scene) -> torch.Tensor:
+    away = scene.agent_xy - scene.agent_xy.flip(1)
+    away = away / torch.linalg.vector_norm(away, dim=-1, keepdim=True).clamp(min=1e-6)
+    actions = torch.zeros(*scene.agent_yaw.shape, 3)
+    actions[..., :2] = rotate(away, -scene.agent_yaw)  # full speed, body frame
+    return actions
+
+
+def still(scene) -> torch.Tensor:
+    return torch.zeros(*scene.agent_yaw.shape, 3)
+
+
+def reference_report(envs: int, steps: int, seed: int) -> None:
+    print(f"team return per env over {steps} steps (first episode only), {envs} envs")
+    print("policy | return | discounted return (gamma 0.99) | success")
+    for name, policy in (("scripted pusher", scripted_actions), ("flee", flee), ("stand still", still)):
+        env = make_env("vmas", num_envs=envs, device="cpu", seed=seed)
+        env.reset()
+        alive = torch.ones(envs, dtype=torch.bool)
+        ret, disc, success = torch.zeros(envs), torch.zeros(envs), torch.zeros(envs, dtype=torch.bool)
+        for t in range(steps):
+            _, reward, done, info = env.step(policy(env.scene()))
+            team = reward.sum(1) * alive
+            ret += team
+            disc += 0.99**t * team
+            success |= info["success"] & alive
+            alive &= ~done
+        print(f"{name} | {ret.mean():.3f} | {disc.mean():.3f} | {success.float().mean():.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?")
+    parser.add_argument("--reference-policies", action="store_true")
+    parser.add_argument("--envs", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=123)
+    args = parser.parse_args()
+    if not args.checkpoint and not args.reference_policies:
+        parser.error("give a checkpoint, --reference-policies, or both")
+    if args.checkpoint:
+        checkpoint_report(args.checkpoint, args.envs, args.steps, args.seed)
+    if args.reference_policies:
+        reference_report(args.envs, args.steps, args.seed)
+
+
+if __name__ == "__main__":
+    main()
