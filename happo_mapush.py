@@ -79,6 +79,8 @@ class Args:
     """how actors and critic normalize their input: `layernorm` per sample (HARL) or `running` per-feature statistics"""
     tanh_mean: bool = False
     """if toggled, the policy's mean is squashed by tanh into the env's action range (-1, 1)"""
+    std_max: float = 0.5
+    """the ceiling of the policy's std, std = std_max * sigmoid(logit) (HARL: 0.5); the initial std stays 0.3655"""
     ent_coef: float = 0.01
     """the entropy bonus coefficient"""
     gamma: float = 0.99
@@ -120,7 +122,7 @@ CHOICES = {"env_backend": BACKENDS, "team_reward": ("sum", "mean"), "critic_inpu
            "value_norm_update": ("once", "per-minibatch"), "input_norm": ("layernorm", "running")}
 # Flags that must match the checkpoint when resuming: they change shapes, data or the meaning of the run.
 RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_hidden_sizes", "critic_input", "seed",
-               "team_reward", "tanh_mean", "input_norm")
+               "team_reward", "tanh_mean", "input_norm", "std_max")
 
 
 class UsageError(ValueError):
@@ -140,6 +142,8 @@ def check_args(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    if not args.std_max > 0.5 * torch.sigmoid(torch.tensor(1.0)).item():
+        raise UsageError(f"--std-max must exceed the initial std 0.3655, got {args.std_max}")
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.eval_checkpoint is None and args.num_iterations < 1:
@@ -200,23 +204,25 @@ def mlp_trunk(in_dim: int, hidden_sizes, input_norm: str = "layernorm") -> nn.Se
 
 
 class Actor(nn.Module):
-    """Gaussian policy with a state-independent std = 0.5 * sigmoid(logit), logit initialised to 1 (HARL).
+    """Gaussian policy with a state-independent std = std_max * sigmoid(logit); HARL: std_max 0.5, logit initialised
+    to 1. Another std_max keeps HARL's initial std, 0.5 * sigmoid(1).
 
     tanh_mean bounds the mean to the env's action range (-1, 1); HARL's mean is unbounded."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, tanh_mean: bool = False,
-                 input_norm: str = "layernorm"):
+                 input_norm: str = "layernorm", std_max: float = 0.5):
         super().__init__()
         self.trunk = mlp_trunk(obs_dim, hidden_sizes, input_norm)
         self.mean = layer_init(nn.Linear(hidden_sizes[-1], action_dim), 0.01)
-        self.std_logit = nn.Parameter(torch.ones(action_dim))
-        self.tanh_mean = tanh_mean
+        start = 0.5 * torch.sigmoid(torch.tensor(1.0)) / std_max  # sigmoid(logit) at the start
+        self.std_logit = nn.Parameter(torch.full((action_dim,), torch.logit(start).item()))
+        self.tanh_mean, self.std_max = tanh_mean, std_max
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mean = self.mean(self.trunk(obs))
         if self.tanh_mean:
             mean = torch.tanh(mean)
-        return torch.distributions.Normal(mean, 0.5 * torch.sigmoid(self.std_logit))
+        return torch.distributions.Normal(mean, self.std_max * torch.sigmoid(self.std_logit))
 
 
 class Critic(nn.Module):
@@ -391,7 +397,7 @@ def load_checkpoint(path: str, device) -> dict:
 def make_actor(env, saved: dict) -> Actor:
     """An actor as described by a run's flags (checkpoints from before a flag existed get its old behaviour)."""
     return Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False),
-                 saved.get("input_norm", "layernorm"))
+                 saved.get("input_norm", "layernorm"), saved.get("std_max", 0.5))
 
 
 def build_models(args: Args, env, device):

@@ -224,6 +224,20 @@ def test_inconsistent_flags_are_rejected(overrides, message):
         H.check_args(args)
 
 
+def test_std_max_raises_the_ceiling_and_keeps_harls_initial_std():
+    harl, wide = H.Actor(8, 3, (16,)), H.Actor(8, 3, (16,), std_max=1.0)
+    obs = torch.randn(4, 8)
+    assert torch.equal(harl.std_logit.data, torch.ones(3))  # HARL's logit 1 exactly at the default ceiling
+    torch.testing.assert_close(wide.dist(obs).stddev, harl.dist(obs).stddev)  # both start at 0.3655
+    with torch.no_grad():
+        harl.std_logit.fill_(30.0)
+        wide.std_logit.fill_(30.0)
+    assert harl.dist(obs).stddev.max().item() == pytest.approx(0.5)
+    assert wide.dist(obs).stddev.max().item() == pytest.approx(1.0)
+    with pytest.raises(H.UsageError, match="std-max"):
+        H.check_args(H.Args(std_max=0.3))
+
+
 def test_running_norm_matches_the_statistics_of_all_samples_seen():
     torch.manual_seed(0)
     norm = H.RunningNorm(3)
