@@ -74,20 +74,25 @@ def still(scene) -> torch.Tensor:
 
 def reference_report(envs: int, steps: int, seed: int) -> None:
     print(f"team return per env over {steps} steps (first episode only), {envs} envs")
-    print("policy | return | discounted return (gamma 0.99) | success")
+    print("policy | return | discounted return (gamma 0.99) | success | per env-step: approach, OCB, distance")
     for name, policy in (("scripted pusher", scripted_actions), ("flee", flee), ("stand still", still)):
         env = make_env("vmas", num_envs=envs, device="cpu", seed=seed)
         env.reset()
         alive = torch.ones(envs, dtype=torch.bool)
         ret, disc, success = torch.zeros(envs), torch.zeros(envs), torch.zeros(envs, dtype=torch.bool)
+        terms, env_steps = {"approach": 0.0, "ocb": 0.0, "distance_to_target": 0.0}, 0
         for t in range(steps):
             _, reward, done, info = env.step(policy(env.scene()))
             team = reward.sum(1) * alive
             ret += team
             disc += 0.99**t * team
             success |= info["success"] & alive
+            for term in terms:  # as MQE's reward_buffer: per-agent terms summed over agents, per env-step
+                terms[term] += float((info["reward_terms"][term] * alive).sum())
+            env_steps += int(alive.sum())
             alive &= ~done
-        print(f"{name} | {ret.mean():.3f} | {disc.mean():.3f} | {success.float().mean():.3f}")
+        per_step = ", ".join(f"{terms[term] / env_steps:+.4f}" for term in terms)
+        print(f"{name} | {ret.mean():.3f} | {disc.mean():.3f} | {success.float().mean():.3f} | {per_step}")
 
 
 def main() -> None:
