@@ -13,6 +13,7 @@ except ImportError:
     pass
 
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -125,6 +126,9 @@ RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_h
                "team_reward", "tanh_mean", "input_norm", "std_max")
 
 
+INITIAL_STD = 0.5 / (1.0 + math.exp(-1.0))  # HARL: 0.5 * sigmoid(1), the policy std at the start
+
+
 class UsageError(ValueError):
     """Bad flags, a missing or foreign checkpoint: reported without a traceback."""
 
@@ -142,8 +146,8 @@ def check_args(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
-    if not args.std_max > 0.5 * torch.sigmoid(torch.tensor(1.0)).item():
-        raise UsageError(f"--std-max must exceed the initial std 0.3655, got {args.std_max}")
+    if not args.std_max > INITIAL_STD:
+        raise UsageError(f"--std-max must exceed the initial std {INITIAL_STD:.4f}, got {args.std_max}")
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.eval_checkpoint is None and args.num_iterations < 1:
@@ -214,15 +218,18 @@ class Actor(nn.Module):
         super().__init__()
         self.trunk = mlp_trunk(obs_dim, hidden_sizes, input_norm)
         self.mean = layer_init(nn.Linear(hidden_sizes[-1], action_dim), 0.01)
-        start = 0.5 * torch.sigmoid(torch.tensor(1.0)) / std_max  # sigmoid(logit) at the start
-        self.std_logit = nn.Parameter(torch.full((action_dim,), torch.logit(start).item()))
+        start = INITIAL_STD / std_max  # sigmoid(logit) at the start: logit 1 for HARL's std_max 0.5
+        self.std_logit = nn.Parameter(torch.full((action_dim,), math.log(start / (1.0 - start))))
         self.tanh_mean, self.std_max = tanh_mean, std_max
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mean = self.mean(self.trunk(obs))
         if self.tanh_mean:
             mean = torch.tanh(mean)
-        return torch.distributions.Normal(mean, self.std_max * torch.sigmoid(self.std_logit))
+        return torch.distributions.Normal(mean, self.std())
+
+    def std(self) -> torch.Tensor:
+        return self.std_max * torch.sigmoid(self.std_logit)
 
 
 class Critic(nn.Module):
@@ -398,6 +405,14 @@ def make_actor(env, saved: dict) -> Actor:
     """An actor as described by a run's flags (checkpoints from before a flag existed get its old behaviour)."""
     return Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False),
                  saved.get("input_norm", "layernorm"), saved.get("std_max", 0.5))
+
+
+def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
+    """The actors of a loaded checkpoint, rebuilt as its run's flags describe them."""
+    actors = [make_actor(env, checkpoint["args"]).to(device) for _ in range(env.num_agents)]
+    for actor, state in zip(actors, checkpoint["actors"]):
+        actor.load_state_dict(state)
+    return actors
 
 
 def build_models(args: Args, env, device):
@@ -627,10 +642,7 @@ def run_evaluation(args: Args) -> Tuple[float, float]:
     checkpoint = load_checkpoint(args.eval_checkpoint, device)
     saved = checkpoint["args"]
     env = make_env(saved["env_backend"], num_envs=args.eval_episodes, device=device, seed=args.seed)
-    actors = [make_actor(env, saved).to(device) for _ in range(env.num_agents)]
-    for actor, state in zip(actors, checkpoint["actors"]):
-        actor.load_state_dict(state)
-    return evaluate(actors, env)
+    return evaluate(trained_actors(checkpoint, env, device), env)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,8 @@ def evaluate_checkpoint(path: str, episodes: int, seed: int = 10_000) -> Tuple[f
     checkpoint = H.load_checkpoint(path, "cpu")
     saved = checkpoint["args"]
     env = make_env(saved["env_backend"], num_envs=episodes, device="cpu", seed=seed)
-    actors = [H.make_actor(env, saved) for _ in range(env.num_agents)]
-    for actor, state in zip(actors, checkpoint["actors"]):
-        actor.load_state_dict(state)
     with torch.no_grad():
-        success, completion = H.evaluate(actors, env)
+        success, completion = H.evaluate(H.trained_actors(checkpoint, env), env)
     return success, completion, checkpoint["global_step"]
 
 

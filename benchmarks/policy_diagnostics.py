@@ -33,9 +33,7 @@ DIMS = ("vx", "vy", "yaw rate")
 def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
     checkpoint = H.load_checkpoint(path, "cpu")
     env = make_env(checkpoint["args"]["env_backend"], num_envs=envs, device="cpu", seed=seed)
-    actors = [H.make_actor(env, checkpoint["args"]) for _ in range(env.num_agents)]
-    for actor, state in zip(actors, checkpoint["actors"]):
-        actor.load_state_dict(state)
+    actors = H.trained_actors(checkpoint, env)
     obs, means, alive = env.reset(), [], torch.ones(envs, dtype=torch.bool)
     print(f"{path} (iteration {checkpoint['iteration']}, {checkpoint['global_step']} env steps)")
     print("step | envs in their first episode | agent-box distance (m) | agent separation (m) | box-target (m)")
@@ -54,7 +52,7 @@ def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
     means = torch.cat(means)  # [samples, agents, 3]
     print("agent | dim | mean action | share of |mean| > 1 | std")
     for i, actor in enumerate(actors):
-        std = (0.5 * torch.sigmoid(actor.std_logit)).tolist()
+        std = actor.std().tolist()  # honours the run's --std-max
         for d, name in enumerate(DIMS):
             m = means[:, i, d]
             print(f"{i} | {name} | {m.mean():+.2f} | {(m.abs() > 1).float().mean():.2f} | {std[d]:.3f}")

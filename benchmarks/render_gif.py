@@ -55,11 +55,8 @@ def main() -> None:
     from PIL import Image
 
     checkpoint = H.load_checkpoint(args.checkpoint, "cpu")
-    saved = checkpoint["args"]
     env = make_env("vmas", num_envs=64, device="cpu", seed=args.seed)
-    actors = [H.make_actor(env, saved) for _ in range(env.num_agents)]
-    for actor, state in zip(actors, checkpoint["actors"]):
-        actor.load_state_dict(state)
+    actors = H.trained_actors(checkpoint, env)
     # Record all 64 envs' first episodes, then show the first few that succeed (and say how many did).
     obs = env.reset()
     scenes, finished = [env.scene()], torch.zeros(64, dtype=torch.bool)

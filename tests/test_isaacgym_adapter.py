@@ -353,6 +353,11 @@ def test_random_episode_start_sets_mqe_episode_length_buf(fake_mqe):
     env.randomize_episode_start()
     buf = env.base_env.episode_length_buf
     assert buf.dtype == torch.long and torch.equal(buf, expected)
+    drawn = buf.clone()
+    assert drawn.min() >= 0 and drawn.max() < EPISODE_STEPS and drawn.unique().numel() == 3
+    _, _, _, info = env.step(zero_actions())
+    # MQE's own time-out rule now sees the drawn counters: an env times out once its counter passes MAX_LEN
+    assert info["time_out"].tolist() == (drawn + 1 > MAX_LEN).tolist()
 
 
 def test_flags_are_copies(fake_mqe):
