@@ -82,6 +82,8 @@ class Args:
     """if toggled, the policy's mean is squashed by tanh into the env's action range (-1, 1)"""
     std_max: float = 0.5
     """the ceiling of the policy's std, std = std_max * sigmoid(logit) (HARL: 0.5); the initial std stays 0.3655"""
+    obs_stack: int = 1
+    """each actor sees its last `obs_stack` observations (HARL: 1); the 8-dim observation has no own velocity"""
     ent_coef: float = 0.01
     """the entropy bonus coefficient"""
     gamma: float = 0.99
@@ -123,7 +125,7 @@ CHOICES = {"env_backend": BACKENDS, "team_reward": ("sum", "mean"), "critic_inpu
            "value_norm_update": ("once", "per-minibatch"), "input_norm": ("layernorm", "running")}
 # Flags that must match the checkpoint when resuming: they change shapes, data or the meaning of the run.
 RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_hidden_sizes", "critic_input", "seed",
-               "team_reward", "tanh_mean", "input_norm", "std_max")
+               "team_reward", "tanh_mean", "input_norm", "std_max", "obs_stack")
 
 
 INITIAL_STD = 0.5 / (1.0 + math.exp(-1.0))  # HARL: 0.5 * sigmoid(1), the policy std at the start
@@ -142,7 +144,7 @@ def check_args(args: Args) -> Args:
         if getattr(args, name) not in choices:
             raise UsageError(f"{flag(name)} must be one of {choices}, got {getattr(args, name)!r}")
     positive = ("num_envs", "num_steps", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
-                "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes")
+                "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes", "obs_stack")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
@@ -211,12 +213,14 @@ class Actor(nn.Module):
     """Gaussian policy with a state-independent std = std_max * sigmoid(logit); HARL: std_max 0.5, logit initialised
     to 1. Another std_max keeps HARL's initial std, 0.5 * sigmoid(1).
 
-    tanh_mean bounds the mean to the env's action range (-1, 1); HARL's mean is unbounded."""
+    tanh_mean bounds the mean to the env's action range (-1, 1); HARL's mean is unbounded. With obs_stack k the input
+    is the agent's last k observations, oldest first (`ObsHistory`)."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, tanh_mean: bool = False,
-                 input_norm: str = "layernorm", std_max: float = 0.5):
+                 input_norm: str = "layernorm", std_max: float = 0.5, obs_stack: int = 1):
         super().__init__()
-        self.trunk = mlp_trunk(obs_dim, hidden_sizes, input_norm)
+        self.obs_stack = obs_stack
+        self.trunk = mlp_trunk(obs_dim * obs_stack, hidden_sizes, input_norm)
         self.mean = layer_init(nn.Linear(hidden_sizes[-1], action_dim), 0.01)
         start = INITIAL_STD / std_max  # sigmoid(logit) at the start: logit 1 for HARL's std_max 0.5
         self.std_logit = nn.Parameter(torch.full((action_dim,), math.log(start / (1.0 - start))))
@@ -230,6 +234,29 @@ class Actor(nn.Module):
 
     def std(self) -> torch.Tensor:
         return self.std_max * torch.sigmoid(self.std_logit)
+
+
+class ObsHistory:
+    """Every agent's last k observations, oldest first: the actors' input. The commands pass a 0.25 s lag and the
+    observation holds no own velocity, so one frame does not tell an agent how it is moving (MAPush's MAPPO uses a
+    recurrent policy for this). When an episode ends its env's history restarts as k copies of the first observation.
+    k = 1 is the observation itself."""
+
+    def __init__(self, k: int, obs: torch.Tensor):
+        self.k = k
+        self.frames = obs.unsqueeze(2).repeat(1, 1, k, 1)  # [E, A, k, obs_dim]
+
+    @property
+    def obs(self) -> torch.Tensor:
+        return self.frames.flatten(2)  # [E, A, k * obs_dim]
+
+    def push(self, obs: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        if self.k == 1:
+            self.frames = obs.unsqueeze(2)
+        else:
+            shifted = torch.cat([self.frames[:, :, 1:], obs.unsqueeze(2)], dim=2)
+            self.frames = torch.where(done.view(-1, 1, 1, 1), obs.unsqueeze(2).expand_as(shifted), shifted)
+        return self.obs
 
 
 class Critic(nn.Module):
@@ -364,19 +391,24 @@ def critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.Tensor,
     return build_global_state(scene_fn())
 
 
+def mean_actions(actors, obs: torch.Tensor) -> torch.Tensor:
+    """The actors' deterministic actions [E, A, act_dim] for the actor inputs obs [E, A, D]."""
+    return torch.stack([actor.dist(obs[:, i]).mean for i, actor in enumerate(actors)], dim=1)
+
+
 @torch.no_grad()
 def evaluate(actors, env) -> Tuple[float, float]:
     """MAPush's calculator: mean actions; each env's first episode counts; failures take 20 s.
 
     Returns (success rate, mean completion time in s).
     """
-    obs = env.reset()
+    history = ObsHistory(actors[0].obs_stack, env.reset())
     finished = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
     success = torch.zeros_like(finished)
     completion = torch.full((env.num_envs,), env.episode_steps * DT, device=env.device)
     for step in range(1, env.episode_steps + 2):
-        actions = torch.stack([actor.dist(obs[:, i]).mean for i, actor in enumerate(actors)], dim=1)
-        obs, _, done, info = env.step(actions)
+        obs, _, done, info = env.step(mean_actions(actors, history.obs))
+        history.push(obs, done)
         first = done & ~finished
         completion = torch.where(first & info["success"], torch.full_like(completion, step * DT), completion)
         success |= first & info["success"]
@@ -404,7 +436,7 @@ def load_checkpoint(path: str, device) -> dict:
 def make_actor(env, saved: dict) -> Actor:
     """An actor as described by a run's flags (checkpoints from before a flag existed get its old behaviour)."""
     return Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved.get("tanh_mean", False),
-                 saved.get("input_norm", "layernorm"), saved.get("std_max", 0.5))
+                 saved.get("input_norm", "layernorm"), saved.get("std_max", 0.5), saved.get("obs_stack", 1))
 
 
 def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
@@ -442,6 +474,7 @@ def train(args: Args) -> str:
         env.randomize_episode_start()
     ep_return = torch.zeros(num_envs, device=device)
     ep_length = torch.zeros(num_envs, device=device)
+    history_frames = None
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume, device)
         saved, current = checkpoint["args"], args_dict(args)
@@ -464,6 +497,10 @@ def train(args: Args) -> str:
         if checkpoint["env"] is not None and hasattr(env, "load_state_dict"):
             next_obs = env.load_state_dict(checkpoint["env"])
             ep_return, ep_length = checkpoint["episode"]["return"], checkpoint["episode"]["length"]
+            history_frames = checkpoint["episode"].get("obs_history")
+    history = ObsHistory(args.obs_stack, next_obs)
+    if history_frames is not None:
+        history.frames = history_frames
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -481,7 +518,7 @@ def train(args: Args) -> str:
 
     # Rollout storage, time-major like HARL's buffers.
     state_dim = critic.trunk[1].in_features
-    obs_buf = torch.zeros(num_steps, num_envs, num_agents, env.obs_dim, device=device)
+    obs_buf = torch.zeros(num_steps, num_envs, num_agents, env.obs_dim * args.obs_stack, device=device)
     actions_buf = torch.zeros(num_steps, num_envs, num_agents, env.action_dim, device=device)
     logprobs_buf = torch.zeros(num_steps, num_envs, num_agents, device=device)  # joint over action dims
     critic_inputs = torch.zeros(num_steps, num_envs, state_dim, device=device)
@@ -503,7 +540,7 @@ def train(args: Args) -> str:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
             "env": env.state_dict() if hasattr(env, "state_dict") else None,
-            "episode": {"return": ep_return, "length": ep_length},
+            "episode": {"return": ep_return, "length": ep_length, "obs_history": history.frames},
         })
 
     def save(state: dict, name: str) -> str:
@@ -527,15 +564,16 @@ def train(args: Args) -> str:
         nonfinite_obs = torch.zeros((), device=device)
         with torch.no_grad():
             for step in range(num_steps):
-                obs_buf[step] = next_obs
+                obs_buf[step] = history.obs
                 critic_inputs[step] = next_input
                 values_buf[step] = critic(next_input)
                 for i, actor in enumerate(actors):
-                    dist = actor.dist(next_obs[:, i])
+                    dist = actor.dist(obs_buf[step, :, i])
                     action = dist.sample()
                     actions_buf[step, :, i] = action
                     logprobs_buf[step, :, i] = dist.log_prob(action).sum(-1)
                 next_obs, reward, done, info = env.step(actions_buf[step])
+                history.push(next_obs, done)
                 global_step += num_envs
                 # Fix: the critic's reward is the team reward, formed explicitly, not agent 0's column.
                 team_reward = reward.sum(1) if args.team_reward == "sum" else reward.mean(1)

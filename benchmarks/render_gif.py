@@ -58,12 +58,13 @@ def main() -> None:
     env = make_env("vmas", num_envs=64, device="cpu", seed=args.seed)
     actors = H.trained_actors(checkpoint, env)
     # Record all 64 envs' first episodes, then show the first few that succeed (and say how many did).
-    obs = env.reset()
+    history = H.ObsHistory(actors[0].obs_stack, env.reset())
     scenes, finished = [env.scene()], torch.zeros(64, dtype=torch.bool)
     success, length = torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.long)
     with torch.no_grad():
         for step in range(1, env.episode_steps + 2):
-            obs, _, done, info = env.step(torch.stack([a.dist(obs[:, i]).mean for i, a in enumerate(actors)], 1))
+            obs, _, done, info = env.step(H.mean_actions(actors, history.obs))
+            history.push(obs, done)
             scenes.append(info["final_scene"])
             first = done & ~finished
             success |= first & info["success"]

@@ -276,3 +276,43 @@ def test_running_norm_updates_once_per_iteration_after_the_updates(tmp_path, mon
     assert state["critic"]["trunk.0.mean"][0].item() == pytest.approx(12.0, abs=0.1)  # box x, env-relative
     env = make_env("vmas", num_envs=2)
     H.make_actor(env, state["args"]).load_state_dict(state["actors"][0])  # evaluation rebuilds the same actor
+
+
+def test_obs_history_shifts_oldest_first_and_restarts_when_an_episode_ends():
+    base = torch.arange(8.0).view(2, 2, 2)  # [E, A, obs_dim]
+    history = H.ObsHistory(3, base)
+    torch.testing.assert_close(history.obs, base.repeat(1, 1, 3))
+    history.push(base + 10, torch.tensor([False, False]))
+    out = history.push(base + 20, torch.tensor([False, True]))
+    torch.testing.assert_close(out[0], torch.cat([base[0], base[0] + 10, base[0] + 20], dim=-1))
+    torch.testing.assert_close(out[1], (base[1] + 20).repeat(1, 3))  # env 1's new episode: 3 copies of its first obs
+    single = H.ObsHistory(1, base)
+    torch.testing.assert_close(single.push(base + 5, torch.tensor([True, False])), base + 5)
+
+
+def test_obs_stack_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 3, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+                  actor_num_minibatches=2, critic_num_minibatches=2, obs_stack=3, save_interval=1, cuda=False)
+    path = H.train(H.check_args(args))
+    state = H.load_checkpoint(path, "cpu")
+    assert state["actors"][0]["trunk.0.weight"].shape == (24,)  # the input LayerNorm sees 3 x 8 dims
+    frames = state["episode"]["obs_history"]
+    assert frames.shape == (8, 2, 3, 8)
+    env = make_env("vmas", num_envs=8)
+    torch.testing.assert_close(frames[:, :, -1], env.load_state_dict(state["env"]))  # newest frame = current obs
+    expected = [t.clone() for sd in state["actors"] for t in sd.values()]
+
+    resumed = copy.copy(args)
+    resumed.resume = path.replace("checkpoint_3.pt", "checkpoint_1.pt")
+    path = H.train(H.check_args(resumed))
+    state = H.load_checkpoint(path, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(expected, [t for sd in state["actors"] for t in sd.values()]))
+
+    eval_env = make_env("vmas", num_envs=4)
+    success, completion = H.evaluate(H.trained_actors(state, eval_env), eval_env)
+    assert 0.0 <= success <= 1.0 and 0.0 < completion <= 20.0
+    mismatch = copy.copy(args)
+    mismatch.obs_stack, mismatch.resume = 2, path
+    with pytest.raises(H.UsageError, match="--obs-stack 2 \\(saved 3\\)"):
+        H.train(H.check_args(mismatch))
