@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -65,7 +66,14 @@ def checkpoints(directory: str) -> List[Tuple[int, str]]:
 
 
 def evaluate_checkpoint(path: str, episodes: int, seed: int = 10_000) -> Tuple[float, float, int]:
-    """MAPush's calculator on `episodes` envs: (success rate, mean completion time s, env steps trained)."""
+    """MAPush's calculator on `episodes` envs: (success rate, mean completion time s, env steps trained).
+
+    Remembered in `<checkpoint>.eval<episodes>.json` (for the default eval seed), so reruns skip finished work."""
+    cache = f"{path[:-3]}.eval{episodes}.json"
+    if seed == 10_000 and os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(path):
+        with open(cache) as f:
+            success, completion, steps = json.load(f)
+            return success, completion, steps
     import torch
 
     import happo_mapush as H
@@ -76,6 +84,9 @@ def evaluate_checkpoint(path: str, episodes: int, seed: int = 10_000) -> Tuple[f
     env = make_env(saved["env_backend"], num_envs=episodes, device="cpu", seed=seed)
     with torch.no_grad():
         success, completion = H.evaluate(H.trained_actors(checkpoint, env), env)
+    if seed == 10_000:
+        with open(cache, "w") as f:
+            json.dump([success, completion, checkpoint["global_step"]], f)
     return success, completion, checkpoint["global_step"]
 
 

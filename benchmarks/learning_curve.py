@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -41,7 +40,7 @@ def main() -> None:
         directory = run_dir(run_root, args.name, seed)
         start = start_time(run_root, args.name, seed)
         for iteration, path in checkpoints(directory):
-            success, completion, steps = cached_evaluation(path, args.eval_episodes)
+            success, completion, steps = evaluate_checkpoint(path, args.eval_episodes)
             wall_s = os.path.getmtime(path) - start
             rows.append(dict(seed=seed, iteration=iteration, env_steps=steps, wall_clock_s=round(wall_s, 1),
                              success_rate=success, completion_time_s=round(completion, 3)))
@@ -59,18 +58,6 @@ def main() -> None:
         writer.writerows(rows)
     plot(rows, os.path.join(RESULTS, f"{args.name}.png"))
     print(f"wrote {csv_path}")
-
-
-def cached_evaluation(path: str, episodes: int):
-    """`evaluate_checkpoint`, remembered in `<checkpoint>.eval<episodes>.json` so reruns skip finished work."""
-    cache = f"{path[:-3]}.eval{episodes}.json"
-    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(path):
-        with open(cache) as f:
-            return tuple(json.load(f))
-    result = evaluate_checkpoint(path, episodes)
-    with open(cache, "w") as f:
-        json.dump(list(result), f)
-    return result
 
 
 def plot(rows, path: str) -> None:
