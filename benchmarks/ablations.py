@@ -6,6 +6,9 @@ checkpoint with MAPush's calculator. Writes per-iteration curves and a summary a
 benchmarks/results/.
 
     python benchmarks/ablations.py --seeds 1 2 --parallel 2 -- --total-timesteps 5000000
+
+`--default-from learning_curve` takes the default arm from the learning curve's runs (same flags, same seeds), cut
+at the other arms' last checkpoint, instead of training it again: nothing in training depends on the total budget.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import csv
 import os
 import statistics
 import sys
+from typing import Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, checkpoints, evaluate_checkpoint, run_all, run_dir, scalars  # noqa: E402
@@ -40,22 +44,39 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 1 when parallel, else all)")
     parser.add_argument("--name", default="ablations", help="output file prefix in benchmarks/results/")
     parser.add_argument("--skip-training", action="store_true", help="only analyse existing runs")
+    parser.add_argument("--default-from", default=None,
+                        help="read the default arm from benchmarks/results/NAME (runs of learning_curve.py --name NAME)")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
     args = parser.parse_args()
     common = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", "1000000"]
     run_root = os.path.join(RESULTS, args.name)
     if not args.skip_training:
-        jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in args.arms]
+        jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in args.arms
+                if not (arm == "default" and args.default_from)]
         run_all(jobs, args.parallel, args.threads)
+
+    def arm_run(arm: str, seed: int) -> Tuple[str, str]:
+        """(run directory, evaluated checkpoint) of an arm's seed."""
+        if arm == "default" and args.default_from:
+            directory = run_dir(os.path.join(RESULTS, args.default_from), args.default_from, seed)
+            other = next(a for a in args.arms if a != "default")
+            last = checkpoints(run_dir(run_root, other, seed))[-1][0]
+            matching = [path for iteration, path in checkpoints(directory) if iteration == last]
+            if not matching:
+                raise FileNotFoundError(f"{directory} has no checkpoint at iteration {last}")
+            return directory, matching[0]
+        directory = run_dir(run_root, arm, seed)
+        return directory, checkpoints(directory)[-1][1]
 
     curves, summary = [], []
     for arm in args.arms:
         for seed in args.seeds:
-            directory = run_dir(run_root, arm, seed)
-            series = scalars(directory, TAGS)
+            directory, checkpoint = arm_run(arm, seed)
+            success, completion, steps = evaluate_checkpoint(checkpoint, args.eval_episodes)
+            series = {tag: [(s, v) for s, v in points if s <= steps]
+                      for tag, points in scalars(directory, TAGS).items()}
             for tag in TAGS:
                 curves += [dict(arm=arm, seed=seed, tag=tag, env_steps=s, value=v) for s, v in series[tag]]
-            success, completion, steps = evaluate_checkpoint(checkpoints(directory)[-1][1], args.eval_episodes)
             losses = [v for _, v in series["losses/value_loss"]]
             ev = [v for _, v in series["losses/explained_variance"]]
             tail = max(1, len(losses) // 5)  # the last fifth of the run
