@@ -84,7 +84,8 @@ def main() -> None:
                                 eval_completion_s=round(completion, 3),
                                 value_loss_first_fifth=statistics.mean(losses[:tail]),
                                 value_loss_last_fifth=statistics.mean(losses[-tail:]),
-                                explained_variance_last_fifth=statistics.mean(ev[-tail:])))
+                                explained_variance_last_fifth=statistics.mean(ev[-tail:]),
+                                train_success_last_fifth=train_success(series, steps * 4 / 5)))
             print(summary[-1], flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     for rows, suffix in ((curves, "curves"), (summary, "summary")):
@@ -96,15 +97,27 @@ def main() -> None:
     plot(curves, os.path.join(RESULTS, f"{args.name}.png"))
 
 
+def train_success(series, after: float) -> float:
+    """Success rate over all training episodes that ended after env step `after` (thousands of episodes, where the
+    eval's 256 give a +-3 % standard error)."""
+    episodes = dict(series["charts/episodes"])
+    ended = [(episodes[s], rate) for s, rate in series["charts/success_rate"] if s > after and s in episodes]
+    total = sum(n for n, _ in ended)
+    return sum(n * rate for n, rate in ended) / total if total else float("nan")
+
+
 def print_table(summary) -> None:
     """Markdown table: mean and per-seed values of each arm (pasted into the README)."""
-    print("| arm | eval success (per seed) | value loss, first -> last fifth | explained variance, last fifth |")
-    print("|---|---|---|---|")
+    print("| arm | eval success (per seed) | training success, last fifth (per seed) | value loss, first -> last fifth "
+          "| explained variance, last fifth |")
+    print("|---|---|---|---|---|")
     for arm in dict.fromkeys(r["arm"] for r in summary):
         rows = [r for r in summary if r["arm"] == arm]
         mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
-        seeds = ", ".join(f"{100 * r['eval_success']:.0f}" for r in rows)
-        print(f"| {arm} | {100 * mean('eval_success'):.1f} % ({seeds}) | {mean('value_loss_first_fifth'):.4f} -> "
+        seeds = ", ".join(f"{100 * r['eval_success']:.1f}" for r in rows)
+        train = ", ".join(f"{100 * r['train_success_last_fifth']:.1f}" for r in rows)
+        print(f"| {arm} | {100 * mean('eval_success'):.1f} % ({seeds}) | {100 * mean('train_success_last_fifth'):.1f} % "
+              f"({train}) | {mean('value_loss_first_fifth'):.4f} -> "
               f"{mean('value_loss_last_fifth'):.4f} | {mean('explained_variance_last_fifth'):.3f} |")
 
 
