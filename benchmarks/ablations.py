@@ -99,7 +99,7 @@ def main() -> None:
 
 def train_success(series, after: float) -> float:
     """Success rate over all training episodes that ended after env step `after` (thousands of episodes, where the
-    eval's 256 give a +-3 % standard error)."""
+    eval's 256 give about +-2 % standard error at 10 % success)."""
     episodes = dict(series["charts/episodes"])
     ended = [(episodes[s], rate) for s, rate in series["charts/success_rate"] if s > after and s in episodes]
     total = sum(n for n, _ in ended)
