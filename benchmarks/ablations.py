@@ -48,6 +48,8 @@ def main() -> None:
                         help="read the default arm from benchmarks/results/NAME (runs of learning_curve.py --name NAME)")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
     args = parser.parse_args()
+    if args.default_from and not [arm for arm in args.arms if arm != "default"]:
+        parser.error("--default-from cuts the default's runs at another arm's budget: give at least one other arm")
     common = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", "1000000"]
     run_root = os.path.join(RESULTS, args.name)
     if not args.skip_training:
