@@ -25,7 +25,7 @@ import tyro
 from torch import nn
 
 from global_state import build_global_state, global_state_dim
-from mapush_env import BACKENDS, DT, BackendUnavailable, make_env
+from mapush_env import BACKENDS, DT, ActionRepeat, BackendUnavailable, make_env
 from value_norm import ValueNorm
 
 
@@ -50,6 +50,9 @@ class Args:
     """the number of parallel envs"""
     num_steps: int = 50
     """the rollout length per env per iteration (HARL's episode_length is 200; 50 gives 4x the policy updates)"""
+    action_repeat: int = 1
+    """each action is held for this many env steps of 0.02 s and their rewards summed (1: MAPush's 50 Hz decisions);
+    `--num-steps`, `--gamma` and `--gae-lambda` then count decisions"""
     random_episode_start: bool = True
     """if toggled, each env's first episode starts at a random step, so envs do not time out in lockstep"""
     total_timesteps: int = 20_000_000
@@ -116,16 +119,16 @@ class Args:
 
     # filled in at runtime
     batch_size: int = 0
-    """the number of env steps per iteration (num_envs * num_steps)"""
+    """the number of samples per iteration (num_envs * num_steps); each covers action_repeat env steps"""
     num_iterations: int = 0
-    """the number of iterations (total_timesteps // batch_size)"""
+    """the number of iterations (total_timesteps // (batch_size * action_repeat))"""
 
 
 CHOICES = {"env_backend": BACKENDS, "team_reward": ("sum", "mean"), "critic_input": ("global-state", "agent0-obs"),
            "value_norm_update": ("once", "per-minibatch"), "input_norm": ("layernorm", "running")}
 # Flags that must match the checkpoint when resuming: they change shapes, data or the meaning of the run.
 RESUME_KEYS = ("env_backend", "num_envs", "num_steps", "hidden_sizes", "critic_hidden_sizes", "critic_input", "seed",
-               "team_reward", "tanh_mean", "input_norm", "std_max", "obs_stack")
+               "team_reward", "tanh_mean", "input_norm", "std_max", "obs_stack", "action_repeat")
 
 
 INITIAL_STD = 0.5 / (1.0 + math.exp(-1.0))  # HARL: 0.5 * sigmoid(1), the policy std at the start
@@ -144,17 +147,17 @@ def check_args(args: Args) -> Args:
         if getattr(args, name) not in choices:
             raise UsageError(f"{flag(name)} must be one of {choices}, got {getattr(args, name)!r}")
     positive = ("num_envs", "num_steps", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
-                "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes", "obs_stack")
+                "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes", "obs_stack", "action_repeat")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
     if not args.std_max > INITIAL_STD:
         raise UsageError(f"--std-max must exceed the initial std {INITIAL_STD:.4f}, got {args.std_max}")
     args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
+    args.num_iterations = args.total_timesteps // (args.batch_size * args.action_repeat)
     if args.eval_checkpoint is None and args.num_iterations < 1:
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is below one batch "
-                         f"(num_envs {args.num_envs} x num_steps {args.num_steps} = {args.batch_size})")
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is below one iteration (num_envs {args.num_envs}"
+                         f" x num_steps {args.num_steps} x action_repeat {args.action_repeat} env steps)")
     for name in ("actor_num_minibatches", "critic_num_minibatches"):
         if args.batch_size % getattr(args, name):
             raise UsageError(f"{flag(name)} {getattr(args, name)} does not divide the batch "
@@ -406,11 +409,13 @@ def evaluate(actors, env) -> Tuple[float, float]:
     finished = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
     success = torch.zeros_like(finished)
     completion = torch.full((env.num_envs,), env.episode_steps * DT, device=env.device)
-    for step in range(1, env.episode_steps + 2):
+    elapsed = torch.zeros(env.num_envs, device=env.device)  # env steps of each env's first episode so far
+    for _ in range(env.episode_steps + 1):  # every decision takes at least one env step
         obs, _, done, info = env.step(mean_actions(actors, history.obs))
         history.push(obs, done)
+        elapsed = elapsed + info.get("env_steps", 1)  # > 1 under ActionRepeat
         first = done & ~finished
-        completion = torch.where(first & info["success"], torch.full_like(completion, step * DT), completion)
+        completion = torch.where(first & info["success"], elapsed * DT, completion)
         success |= first & info["success"]
         finished |= done
         if bool(finished.all()):
@@ -447,6 +452,12 @@ def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
     return actors
 
 
+def policy_env(saved: dict, num_envs: int, device, seed: int) -> ActionRepeat:
+    """The env a run's policies act in, as its flags describe it (`args_dict` or a checkpoint's "args")."""
+    return ActionRepeat(make_env(saved["env_backend"], num_envs=num_envs, device=device, seed=seed),
+                        saved.get("action_repeat", 1))
+
+
 def build_models(args: Args, env, device):
     state_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
     actors = [make_actor(env, args_dict(args)).to(device) for _ in range(env.num_agents)]
@@ -462,7 +473,7 @@ def train(args: Args) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.manual_seed(args.seed)
-    env = make_env(args.env_backend, num_envs=args.num_envs, device=device, seed=args.seed)
+    env = policy_env(args_dict(args), args.num_envs, device, args.seed)
     actors, critic, actor_optimizers, critic_optimizer = build_models(args, env, device)
     value_norm = ValueNorm(device=device)
     num_envs, num_agents, num_steps = args.num_envs, env.num_agents, args.num_steps
@@ -574,7 +585,7 @@ def train(args: Args) -> str:
                     logprobs_buf[step, :, i] = dist.log_prob(action).sum(-1)
                 next_obs, reward, done, info = env.step(actions_buf[step])
                 history.push(next_obs, done)
-                global_step += num_envs
+                global_step += num_envs * args.action_repeat
                 # Fix: the critic's reward is the team reward, formed explicitly, not agent 0's column.
                 team_reward = reward.sum(1) if args.team_reward == "sum" else reward.mean(1)
                 rewards_buf[step] = team_reward
@@ -592,7 +603,7 @@ def train(args: Args) -> str:
                 nonfinite_state = nonfinite_state + nonfinite
                 nonfinite_obs = nonfinite_obs + info["nonfinite_obs"].sum()
                 ep_return += team_reward
-                ep_length += 1
+                ep_length += info["env_steps"]
                 episode_sums += torch.stack([(ep_return * done).sum(), (ep_length * done).sum(), done.sum(),
                                              (done & info["success"]).sum(), (done & info["exception"]).sum(),
                                              (done & info["time_out"]).sum()]).float()
@@ -651,7 +662,7 @@ def train(args: Args) -> str:
                             "charts/time_out_rate": ep[5] / ep[2], "charts/episodes": ep[2]})
         if term_sums:
             for name, value in zip(term_sums, torch.stack(list(term_sums.values())).tolist()):
-                scalars[f"rewards/{name}"] = value / (num_steps * num_envs)
+                scalars[f"rewards/{name}"] = value / (num_steps * num_envs * args.action_repeat)  # per env step
         for agent, agent_stats in actor_stats.items():
             f = factors[agent]
             agent_stats.update(zip(("factor_mean", "factor_std", "factor_min", "factor_max"),
@@ -679,7 +690,7 @@ def run_evaluation(args: Args) -> Tuple[float, float]:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_checkpoint(args.eval_checkpoint, device)
     saved = checkpoint["args"]
-    env = make_env(saved["env_backend"], num_envs=args.eval_episodes, device=device, seed=args.seed)
+    env = policy_env(saved, args.eval_episodes, device, args.seed)
     return evaluate(trained_actors(checkpoint, env, device), env)
 
 

@@ -71,6 +71,55 @@ def make_env(backend: str = "vmas", num_envs: int = 512, device="cpu", seed: int
     raise ValueError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
 
 
+def _pick(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per env (mask [E]), `new` where the mask holds, else `old`; any trailing dims."""
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+class ActionRepeat:
+    """Each action is held for `k` env steps (0.02 s each) and the k rewards are summed: one transition per k steps.
+
+    The env runs unchanged at 50 Hz; only the policy decides less often. An env whose episode ends at substep j < k
+    returns that step's flags, final observation and final scene, and the rewards up to and including it; it spends
+    the remaining k - 1 - j substeps of its new episode at a zero command (standing), and returns the observation
+    after them. info["env_steps"] [E] counts the env steps that belong to the returned transition (k unless the
+    episode ended early). Any other attribute is the wrapped env's. k = 1 is the env itself plus info["env_steps"].
+    """
+
+    def __init__(self, env, k: int):
+        if k < 1:
+            raise ValueError(f"the action repeat must be >= 1, got {k}")
+        self.env, self.k = env, k
+
+    def __getattr__(self, name):  # only called for names the wrapper lacks
+        if name == "env":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.env, name)
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, done, info = self.env.step(actions)
+        info = dict(info)
+        env_steps = torch.ones(done.shape, dtype=torch.long, device=done.device)
+        for _ in range(self.k - 1):
+            ended = done.clone()
+            obs, step_reward, step_done, step_info = self.env.step(actions * ~ended.view(-1, 1, 1))
+            live = ~ended  # the transition's episode was still running before this substep
+            reward = reward + step_reward * live.unsqueeze(1)
+            env_steps += live
+            done = ended | step_done
+            for key in ("success", "time_out", "exception"):
+                info[key] = _pick(live, step_info[key], info[key])
+            if "final_obs" in info:
+                info["final_obs"] = _pick(live, step_info["final_obs"], info["final_obs"])
+                info["final_scene"] = type(info["final_scene"])(
+                    *(_pick(live, new, old) for new, old in zip(step_info["final_scene"], info["final_scene"])))
+            info["reward_terms"] = {name: value + step_info["reward_terms"][name]
+                                    for name, value in info["reward_terms"].items()}
+            info["nonfinite_obs"] = info["nonfinite_obs"] + step_info["nonfinite_obs"]
+        info["env_steps"] = env_steps
+        return obs, reward, done, info
+
+
 def rotate(xy: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
     """Rotate planar vectors [..., 2] by yaw [...] (counter-clockwise)."""
     c, s = torch.cos(yaw), torch.sin(yaw)

@@ -78,11 +78,9 @@ def evaluate_checkpoint(path: str, episodes: int) -> Tuple[float, float, int]:
     import torch
 
     import happo_mapush as H
-    from mapush_env import make_env
 
     checkpoint = H.load_checkpoint(path, "cpu")
-    saved = checkpoint["args"]
-    env = make_env(saved["env_backend"], num_envs=episodes, device="cpu", seed=EVAL_SEED)
+    env = H.policy_env(checkpoint["args"], episodes, "cpu", EVAL_SEED)
     with torch.no_grad():
         success, completion = H.evaluate(H.trained_actors(checkpoint, env), env)
     with open(cache, "w") as f:

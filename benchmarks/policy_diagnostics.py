@@ -32,19 +32,20 @@ DIMS = ("vx", "vy", "yaw rate")
 
 def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
     checkpoint = H.load_checkpoint(path, "cpu")
-    env = make_env(checkpoint["args"]["env_backend"], num_envs=envs, device="cpu", seed=seed)
+    env = H.policy_env(checkpoint["args"], envs, "cpu", seed)  # a decision holds its action for env.k env steps
     actors = H.trained_actors(checkpoint, env)
     history, means, alive = H.ObsHistory(actors[0].obs_stack, env.reset()), [], torch.ones(envs, dtype=torch.bool)
     print(f"{path} (iteration {checkpoint['iteration']}, {checkpoint['global_step']} env steps)")
     print("step | envs in their first episode | agent-box distance (m) | agent separation (m) | box-target (m)")
-    for step in range(1, steps + 1):
+    for step in range(env.k, steps + 1, env.k):
         with torch.no_grad():
             mean = H.mean_actions(actors, history.obs)
         means.append(mean[alive])
         obs, _, done, _ = env.step(mean)
         history.push(obs, done)
         scene = env.scene()
-        if step in (1, 50, 100, 200, 300, 500, 1000) and alive.any():
+        marks = (1, 50, 100, 200, 300, 500, 1000)
+        if any(step - env.k < mark <= step for mark in marks) and alive.any():
             box_dist = torch.linalg.vector_norm(scene.agent_xy - scene.box_xy.unsqueeze(1), dim=-1)[alive].mean()
             separation = torch.linalg.vector_norm(scene.agent_xy[:, 0] - scene.agent_xy[:, 1], dim=-1)[alive].mean()
             target = torch.linalg.vector_norm(scene.box_xy - scene.target_xy, dim=-1)[alive].mean()

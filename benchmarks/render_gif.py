@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import happo_mapush as H  # noqa: E402
-from mapush_env import AGENT_DISC_RADIUS, BOX_SIZE, DT, SUCCESS_RADIUS, make_env  # noqa: E402
+from mapush_env import AGENT_DISC_RADIUS, BOX_SIZE, DT, SUCCESS_RADIUS  # noqa: E402
 
 
 def draw(ax, scene, env_id: int, title: str) -> None:
@@ -55,20 +55,21 @@ def main() -> None:
     from PIL import Image
 
     checkpoint = H.load_checkpoint(args.checkpoint, "cpu")
-    env = make_env("vmas", num_envs=64, device="cpu", seed=args.seed)
+    env = H.policy_env({**checkpoint["args"], "env_backend": "vmas"}, 64, "cpu", args.seed)
     actors = H.trained_actors(checkpoint, env)
+    stride = max(1, args.frame_skip // env.k)  # decisions per frame; a decision holds its action for k env steps
     # Record all 64 envs' first episodes, then show the first few that succeed (and say how many did).
     history = H.ObsHistory(actors[0].obs_stack, env.reset())
     scenes, finished = [env.scene()], torch.zeros(64, dtype=torch.bool)
     success, length = torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.long)
     with torch.no_grad():
-        for step in range(1, env.episode_steps + 2):
+        for decision in range(1, env.episode_steps + 2):
             obs, _, done, info = env.step(H.mean_actions(actors, history.obs))
             history.push(obs, done)
             scenes.append(info["final_scene"])
             first = done & ~finished
             success |= first & info["success"]
-            length = torch.where(first, torch.full_like(length, step), length)
+            length = torch.where(first, torch.full_like(length, decision), length)
             finished |= done
             if bool(finished.all()):
                 break
@@ -76,14 +77,15 @@ def main() -> None:
     frames = []
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     for env_id in shown:
-        for t in list(range(0, int(length[env_id]) + 1, args.frame_skip)) + [int(length[env_id])] * 8:
+        for d in list(range(0, int(length[env_id]) + 1, stride)) + [int(length[env_id])] * 8:
             ax.clear()
-            draw(ax, scenes[t], env_id, f"t = {t * DT:4.1f} s   (success in {success.float().mean():.0%} of 64 envs)")
+            draw(ax, scenes[d], env_id, f"t = {d * env.k * DT:4.1f} s   "
+                                        f"(success in {success.float().mean():.0%} of 64 envs)")
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", dpi=70)
             frames.append(Image.open(buffer).convert("P", palette=Image.ADAPTIVE))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=int(1000 * DT * args.frame_skip),
+    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=int(1000 * DT * env.k * stride),
                    loop=0)
     print(f"wrote {args.out}: {len(frames)} frames, episodes {shown}")
 

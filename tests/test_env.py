@@ -540,3 +540,47 @@ def test_bad_backend_and_sizes():
         make_env("mujoco", num_envs=2)
     with pytest.raises(ValueError, match="num_envs"):
         make_env("vmas", num_envs=0)
+
+
+# -- action repeat -----------------------------------------------------------------------------------------------
+
+
+def test_action_repeat_sums_rewards_until_the_episode_ends_then_stands():
+    """k = 3: env 0 runs all three substeps; env 1 times out at the second, then stands in its new episode."""
+    wrapped, plain = M.ActionRepeat(make_env("vmas", num_envs=2, seed=4), 3), make_env("vmas", num_envs=2, seed=4)
+    for env in (wrapped.env, plain):
+        env.reset()
+        env.step_count = torch.tensor([0, M.EPISODE_STEPS - 1])  # env 1's counter passes 1000 at its 2nd step
+    actions = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(0))
+    obs, reward, done, info = wrapped.step(actions)
+
+    _, r1, d1, i1 = plain.step(actions)
+    _, r2, d2, i2 = plain.step(actions)
+    o3, r3, _, i3 = plain.step(actions * torch.tensor([1.0, 0.0]).view(2, 1, 1))  # env 1: zero command
+    assert d1.tolist() == [False, False] and d2.tolist() == [False, True]
+    torch.testing.assert_close(obs, o3, rtol=0, atol=0)  # the observation after all three substeps
+    torch.testing.assert_close(reward[0], r1[0] + r2[0] + r3[0])
+    torch.testing.assert_close(reward[1], r1[1] + r2[1])  # nothing from the new episode
+    assert done.tolist() == [False, True] and info["env_steps"].tolist() == [3, 2]
+    assert info["time_out"].tolist() == [False, True] and not info["success"].any()
+    # the final state is that of the step the episode ended (env 1) or of the last substep (env 0)
+    torch.testing.assert_close(info["final_obs"][1], i2["final_obs"][1], rtol=0, atol=0)
+    torch.testing.assert_close(info["final_obs"][0], i3["final_obs"][0], rtol=0, atol=0)
+    for got, step2, step3 in zip(info["final_scene"], i2["final_scene"], i3["final_scene"]):
+        torch.testing.assert_close(got[1], step2[1], rtol=0, atol=0)
+        torch.testing.assert_close(got[0], step3[0], rtol=0, atol=0)
+    # logged reward terms cover every env step taken
+    for name, value in info["reward_terms"].items():
+        torch.testing.assert_close(value, i1["reward_terms"][name] + i2["reward_terms"][name] + i3["reward_terms"][name])
+    assert plain.step_count.tolist() == wrapped.step_count.tolist() == [3, 1]  # attributes are read through
+
+
+def test_action_repeat_of_one_is_the_env_and_bad_k_is_rejected():
+    wrapped, plain = M.ActionRepeat(make_env("vmas", num_envs=3, seed=5), 1), make_env("vmas", num_envs=3, seed=5)
+    wrapped.reset(), plain.reset()
+    actions = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(1))
+    got, expected = wrapped.step(actions), plain.step(actions)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], expected[:3]))
+    assert got[3]["env_steps"].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="action repeat must be >= 1"):
+        M.ActionRepeat(plain, 0)

@@ -316,3 +316,27 @@ def test_obs_stack_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch):
     mismatch.obs_stack, mismatch.resume = 2, path
     with pytest.raises(H.UsageError, match="--obs-stack 2 \\(saved 3\\)"):
         H.train(H.check_args(mismatch))
+
+
+def test_action_repeat_counts_env_steps_resumes_and_evaluates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 2 * 2 + 100, hidden_sizes=(16,),
+                  critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2, action_repeat=2,
+                  random_episode_start=False, save_interval=1, cuda=False)
+    path = H.train(H.check_args(args))
+    assert args.batch_size == 8 * 16 and args.num_iterations == 2  # 128 samples of 2 env steps per iteration
+    state = H.load_checkpoint(path, "cpu")
+    assert state["global_step"] == 8 * 16 * 2 * 2
+    # an episode's length counts env steps, not decisions: envs whose first episode still runs are at 64
+    steps, length = state["env"]["step_count"], state["episode"]["length"]
+    running = steps == 64
+    assert running.sum() >= 4 and bool((length[running] == 64).all())
+
+    mismatch = copy.copy(args)
+    mismatch.action_repeat, mismatch.resume = 3, path
+    with pytest.raises(H.UsageError, match="--action-repeat 3 \\(saved 2\\)"):
+        H.train(H.check_args(mismatch))
+    eval_env = H.policy_env(state["args"], 4, "cpu", 0)
+    assert eval_env.k == 2
+    success, completion = H.evaluate(H.trained_actors(state, eval_env), eval_env)
+    assert 0.0 <= success <= 1.0 and 0.0 < completion <= 20.0

@@ -110,10 +110,21 @@ def test_evaluate_counts_first_episodes_like_the_calculator():
     assert success == pytest.approx(0.75)
     assert completion == pytest.approx((0.02 + 0.04 + 0.06 + 20.0) / 4)
 
+    class Repeated(Scripted):
+        """As ActionRepeat with k = 5: a decision takes 5 env steps, 3 when an episode ends during it."""
+
+        def step(self, actions):
+            obs, reward, done, info = super().step(actions)
+            return obs, reward, done, {**info, "env_steps": torch.where(done, 3, 5)}
+
+    success, completion = H.evaluate(actors, Repeated())
+    assert success == pytest.approx(0.75)
+    assert completion == pytest.approx((0.06 + 0.16 + 0.26 + 20.0) / 4)  # ((decision - 1) * 5 + 3) * 0.02 s
+
 
 def test_bad_input_exits_with_a_clear_message(tmp_path):
     result = run(tmp_path, *TINY, "--total-timesteps", "100", check=False)
-    assert result.returncode != 0 and "below one batch" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode != 0 and "below one iteration" in result.stderr and "Traceback" not in result.stderr
     result = run(tmp_path, "--eval-checkpoint", "missing.pt", check=False)
     assert result.returncode != 0 and "checkpoint not found: missing.pt" in result.stderr
     with open(tmp_path / "corrupt.pt", "wb") as f:
