@@ -48,11 +48,11 @@ class Args:
     """the MAPush backend: `vmas` (embedded, any machine) or `isaacgym` (MAPush/MQE, CUDA, Python 3.8)"""
     num_envs: int = 512
     """the number of parallel envs"""
-    num_steps: int = 50
-    """the rollout length per env per iteration (HARL's episode_length is 200; 50 gives 4x the policy updates)"""
-    action_repeat: int = 1
+    num_steps: int = 20
+    """the rollout length per env per iteration, in decisions (20 x 5 = 100 env steps; HARL's episode_length: 200)"""
+    action_repeat: int = 5
     """each action is held for this many env steps of 0.02 s and their rewards summed (1: MAPush's 50 Hz decisions);
-    `--num-steps`, `--gamma` and `--gae-lambda` then count decisions"""
+    `--num-steps`, `--gamma` and `--gae-lambda` count decisions"""
     random_episode_start: bool = True
     """if toggled, each env's first episode starts at a random step, so envs do not time out in lockstep"""
     total_timesteps: int = 20_000_000
@@ -72,7 +72,7 @@ class Args:
     critic_epochs: int = 5
     """the number of epochs over the batch for the critic"""
     actor_num_minibatches: int = 5
-    """the number of mini-batches per actor epoch (5 x 5,120 samples)"""
+    """the number of mini-batches per actor epoch (5 x 2,048 samples)"""
     critic_num_minibatches: int = 5
     """the number of mini-batches per critic epoch"""
     clip_coef: float = 0.2
