@@ -2,7 +2,8 @@
 
 Runs `happo_mapush.train` in-process for a few iterations with timers wrapped around the env step, the networks'
 forward passes during the rollout, the actor and critic updates, GAE, the critic's input, logging and the checkpoint
-snapshot. Everything not covered is the rollout loop's own bookkeeping (sampling, log-probs, storage, episode stats).
+snapshot. Everything not covered is the rollout loop's own bookkeeping (sampling, log-probs, storage, episode stats,
+ActionRepeat's merging of its substeps).
 Also reports env-only steps/s at the same number of envs.
 
     python benchmarks/profile_training.py                      # default flags, 614,400 env steps
@@ -83,13 +84,13 @@ def main() -> None:
     start = time.perf_counter()
     H.train(args)
     wall = time.perf_counter() - start
-    steps = args.num_iterations * args.batch_size
+    steps = args.num_iterations * args.batch_size * args.action_repeat
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; num_envs {args.num_envs}, num_steps "
-          f"{args.num_steps}, {args.num_iterations} iterations, minibatches {args.actor_num_minibatches}/"
+          f"{args.num_steps}, action_repeat {args.action_repeat}, {args.num_iterations} iterations, minibatches {args.actor_num_minibatches}/"
           f"{args.critic_num_minibatches}")
     print(f"training: {steps / wall:.0f} env-steps/s ({wall:.1f} s for {steps} steps, including start-up)")
     # inference timers also cover the update-phase-free evaluation of final-state values at time-outs
-    TOTALS["other (rollout bookkeeping, start-up)"] = wall - sum(TOTALS.values())
+    TOTALS["other (rollout bookkeeping, action-repeat merging, start-up)"] = wall - sum(TOTALS.values())
     print("| part | share of wall time | seconds |\n|---|---|---|")
     for name, seconds in sorted(TOTALS.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {100 * seconds / wall:.1f} % | {seconds:.2f} |")

@@ -10,7 +10,8 @@ from value_norm import ValueNorm
 
 
 def make_args(**overrides):
-    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32, actor_num_minibatches=1, critic_num_minibatches=1)
+    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32, actor_num_minibatches=1, critic_num_minibatches=1,
+                  action_repeat=1)
     for key, value in overrides.items():
         setattr(args, key, value)
     return H.check_args(args)
@@ -206,7 +207,9 @@ def test_tanh_mean_bounds_only_the_mean():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(total_timesteps=31), "below one batch"),
+    (dict(total_timesteps=31), "below one iteration"),
+    (dict(action_repeat=5), "below one iteration"),
+    (dict(action_repeat=0), "action-repeat"),
     (dict(actor_num_minibatches=3), "does not divide"),
     (dict(critic_num_minibatches=7), "does not divide"),
     (dict(critic_input="agent1-obs"), "critic-input"),
@@ -217,7 +220,8 @@ def test_tanh_mean_bounds_only_the_mean():
     (dict(num_envs=0), "num-envs"),
 ])
 def test_inconsistent_flags_are_rejected(overrides, message):
-    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32, actor_num_minibatches=1, critic_num_minibatches=1)
+    args = H.Args(num_envs=4, num_steps=8, total_timesteps=32, actor_num_minibatches=1, critic_num_minibatches=1,
+                  action_repeat=1)
     for key, value in overrides.items():
         setattr(args, key, value)
     with pytest.raises(ValueError, match=message):
@@ -264,8 +268,8 @@ def test_running_norm_updates_once_per_iteration_after_the_updates(tmp_path, mon
     monkeypatch.setattr(H, "happo_actor_update", lambda *a, **k: (events.append("actors"), real_actor(*a, **k))[1])
     monkeypatch.setattr(H, "critic_update", lambda *a, **k: (events.append("critic"), real_critic(*a, **k))[1])
     monkeypatch.setattr(H.RunningNorm, "update", lambda self, x: (events.append("norm"), real_norm(self, x))[1])
-    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 2, hidden_sizes=(16,), critic_hidden_sizes=(16,),
-                  actor_num_minibatches=2, critic_num_minibatches=2, input_norm="running", cuda=False)
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 2, hidden_sizes=(16,),
+                  critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2, input_norm="running", cuda=False)
     path = H.train(H.check_args(args))
     # per iteration: both actors, the critic, then the 2 actor normalizers and the critic's
     assert events == ["actors", "critic", "norm", "norm", "norm"] * 2
@@ -292,7 +296,7 @@ def test_obs_history_shifts_oldest_first_and_restarts_when_an_episode_ends():
 
 def test_obs_stack_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 3, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 3, hidden_sizes=(16,), critic_hidden_sizes=(16,),
                   actor_num_minibatches=2, critic_num_minibatches=2, obs_stack=3, save_interval=1, cuda=False)
     path = H.train(H.check_args(args))
     state = H.load_checkpoint(path, "cpu")

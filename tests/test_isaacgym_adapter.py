@@ -487,7 +487,7 @@ def test_nonfinite_observations_are_flagged(fake_mqe):
 
 def test_trainer_runs_two_iterations_on_the_isaacgym_code_path(fake_mqe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = H.check_args(H.Args(env_backend="isaacgym", num_envs=3, num_steps=8, total_timesteps=2 * 3 * 8,
+    args = H.check_args(H.Args(env_backend="isaacgym", num_envs=3, num_steps=8, total_timesteps=2 * 3 * 8, action_repeat=1,
                                actor_num_minibatches=2, critic_num_minibatches=2, random_episode_start=False,
                                hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False, save_interval=100))
     path = H.train(args)  # (the scripted episodes below need every env to start at step 0)
@@ -532,7 +532,7 @@ def test_trainer_without_isaacgym_exits_with_the_message(tmp_path):
         pytest.skip("Isaac Gym and MQE are installed here")
     env = {k: v for k, v in os.environ.items() if k != "MAPUSH_ROOT"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "happo_mapush.py"), "--env-backend", "isaacgym",
-                             "--num-envs", "2", "--num-steps", "2", "--total-timesteps", "4", "--no-cuda",
+                             "--num-envs", "2", "--num-steps", "2", "--total-timesteps", "20", "--no-cuda",
                              "--actor-num-minibatches", "1", "--critic-num-minibatches", "1"],
                             cwd=tmp_path, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0

@@ -41,7 +41,7 @@ def params(checkpoint):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("train")
-    result = run(cwd, *TINY, "--total-timesteps", "768", "--save-interval", "3", "--torch-deterministic")
+    result = run(cwd, *TINY, "--total-timesteps", "3840", "--save-interval", "3", "--torch-deterministic")
     run_dir = glob.glob(os.path.join(cwd, "runs", "*"))[0]
     return cwd, run_dir, result
 
@@ -67,7 +67,7 @@ def test_trains_logs_and_checkpoints(trained):
         maxima = tags[f"agent{first}/factor_max"]
         assert all(m == 1.0 for p, m in zip(positions, maxima) if p == 0.0)
     state = torch.load(os.path.join(run_dir, "checkpoint_6.pt"), weights_only=True)
-    assert state["iteration"] == 6 and state["global_step"] == 768
+    assert state["iteration"] == 6 and state["global_step"] == 3840  # 6 x 8 envs x 16 decisions x 5 env steps
     assert int(state["value_norm"]["num_updates"]) == 6  # once per iteration by default
 
 
@@ -76,7 +76,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(trained, tmp_path):
     expected = params(os.path.join(run_dir, "checkpoint_6.pt"))
     mid = os.path.join(tmp_path, "mid.pt")
     os.replace(os.path.join(run_dir, "checkpoint_3.pt"), mid)
-    run(cwd, *TINY, "--total-timesteps", "768", "--save-interval", "3", "--torch-deterministic", "--resume", mid)
+    run(cwd, *TINY, "--total-timesteps", "3840", "--save-interval", "3", "--torch-deterministic", "--resume", mid)
     resumed = params(os.path.join(run_dir, "checkpoint_6.pt"))
     assert len(resumed) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
@@ -129,7 +129,7 @@ def test_bad_input_exits_with_a_clear_message(tmp_path):
     assert result.returncode != 0 and "checkpoint not found: missing.pt" in result.stderr
     with open(tmp_path / "corrupt.pt", "wb") as f:
         f.write(b"\x80\x02garbage, not a checkpoint")
-    result = run(tmp_path, *TINY, "--total-timesteps", "128", "--resume", "corrupt.pt", check=False)
+    result = run(tmp_path, *TINY, "--total-timesteps", "640", "--resume", "corrupt.pt", check=False)
     assert result.returncode != 0 and "corrupt" in result.stderr
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a happo_mapush checkpoint"):
@@ -138,7 +138,7 @@ def test_bad_input_exits_with_a_clear_message(tmp_path):
 
 def test_resume_rejects_a_different_run(trained):
     cwd, run_dir, _ = trained
-    result = run(cwd, *OTHER_SIZE, "--total-timesteps", "768", "--resume", os.path.join(run_dir, "checkpoint_6.pt"),
+    result = run(cwd, *OTHER_SIZE, "--total-timesteps", "3840", "--resume", os.path.join(run_dir, "checkpoint_6.pt"),
                  check=False)
     assert result.returncode != 0 and "--num-envs 16 (saved 8)" in result.stderr
 
@@ -151,12 +151,12 @@ def test_nan_loss_stops_after_saving_the_last_good_checkpoint(tmp_path, monkeypa
     def poisoned_step(self, actions):
         obs, reward, done, info = real_step(self, actions)
         calls["n"] += 1
-        if calls["n"] > 2 * 16:  # from the third iteration on
+        if calls["n"] > 2 * 16 * 5:  # from the third iteration on (16 decisions of 5 env steps each)
             reward = reward * float("nan")
         return obs, reward, done, info
 
     monkeypatch.setattr(mapush_env.VmasPushEnv, "step", poisoned_step)
-    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 5, hidden_sizes=(16,), critic_hidden_sizes=(16,),
                   actor_num_minibatches=2, critic_num_minibatches=2,
                   save_interval=100, cuda=False)
     with pytest.raises(SystemExit) as err:
@@ -181,7 +181,7 @@ def test_random_episode_start_reaches_the_first_rollout(tmp_path, monkeypatch, r
         return real_step(self, actions)
 
     monkeypatch.setattr(mapush_env.VmasPushEnv, "step", spying_step)
-    args = H.Args(num_envs=64, num_steps=4, total_timesteps=64 * 4, hidden_sizes=(16,), critic_hidden_sizes=(16,),
+    args = H.Args(num_envs=64, num_steps=4, total_timesteps=64 * 4 * 5, hidden_sizes=(16,), critic_hidden_sizes=(16,),
                   actor_num_minibatches=1, critic_num_minibatches=1, random_episode_start=random_start, cuda=False)
     H.train(H.check_args(args))
     counts = first_counts[0]
