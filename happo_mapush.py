@@ -146,8 +146,8 @@ def check_args(args: Args) -> Args:
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
             raise UsageError(f"{flag(name)} must be one of {choices}, got {getattr(args, name)!r}")
-    positive = ("num_envs", "num_steps", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
-                "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes", "obs_stack", "action_repeat")
+    positive = ("num_envs", "num_steps", "action_repeat", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
+                "critic_num_minibatches", "log_interval", "save_interval", "eval_episodes", "obs_stack")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")

@@ -86,8 +86,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     steps = args.num_iterations * args.batch_size * args.action_repeat
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; num_envs {args.num_envs}, num_steps "
-          f"{args.num_steps}, action_repeat {args.action_repeat}, {args.num_iterations} iterations, minibatches {args.actor_num_minibatches}/"
-          f"{args.critic_num_minibatches}")
+          f"{args.num_steps}, action_repeat {args.action_repeat}, {args.num_iterations} iterations, "
+          f"minibatches {args.actor_num_minibatches}/{args.critic_num_minibatches}")
     print(f"training: {steps / wall:.0f} env-steps/s ({wall:.1f} s for {steps} steps, including start-up)")
     # inference timers also cover the update-phase-free evaluation of final-state values at time-outs
     TOTALS["other (rollout bookkeeping, action-repeat merging, start-up)"] = wall - sum(TOTALS.values())

@@ -571,7 +571,8 @@ def test_action_repeat_sums_rewards_until_the_episode_ends_then_stands():
         torch.testing.assert_close(got[0], step3[0], rtol=0, atol=0)
     # logged reward terms cover every env step taken
     for name, value in info["reward_terms"].items():
-        torch.testing.assert_close(value, i1["reward_terms"][name] + i2["reward_terms"][name] + i3["reward_terms"][name])
+        each = [i["reward_terms"][name] for i in (i1, i2, i3)]
+        torch.testing.assert_close(value, each[0] + each[1] + each[2])
     assert plain.step_count.tolist() == wrapped.step_count.tolist() == [3, 1]  # attributes are read through
 
 

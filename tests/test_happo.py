@@ -269,7 +269,8 @@ def test_running_norm_updates_once_per_iteration_after_the_updates(tmp_path, mon
     monkeypatch.setattr(H, "critic_update", lambda *a, **k: (events.append("critic"), real_critic(*a, **k))[1])
     monkeypatch.setattr(H.RunningNorm, "update", lambda self, x: (events.append("norm"), real_norm(self, x))[1])
     args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 2, hidden_sizes=(16,),
-                  critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2, input_norm="running", cuda=False)
+                  critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2, input_norm="running",
+                  cuda=False)
     path = H.train(H.check_args(args))
     # per iteration: both actors, the critic, then the 2 actor normalizers and the critic's
     assert events == ["actors", "critic", "norm", "norm", "norm"] * 2
@@ -296,8 +297,9 @@ def test_obs_history_shifts_oldest_first_and_restarts_when_an_episode_ends():
 
 def test_obs_stack_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 3, hidden_sizes=(16,), critic_hidden_sizes=(16,),
-                  actor_num_minibatches=2, critic_num_minibatches=2, obs_stack=3, save_interval=1, cuda=False)
+    args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 3, hidden_sizes=(16,),
+                  critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2, obs_stack=3,
+                  save_interval=1, cuda=False)
     path = H.train(H.check_args(args))
     state = H.load_checkpoint(path, "cpu")
     assert state["actors"][0]["trunk.0.weight"].shape == (24,)  # the input LayerNorm sees 3 x 8 dims
