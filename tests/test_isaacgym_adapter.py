@@ -488,8 +488,9 @@ def test_nonfinite_observations_are_flagged(fake_mqe):
 def test_trainer_runs_two_iterations_on_the_isaacgym_code_path(fake_mqe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = H.check_args(H.Args(env_backend="isaacgym", num_envs=3, num_steps=8, action_repeat=1,
-                               total_timesteps=2 * 3 * 8, actor_num_minibatches=2, critic_num_minibatches=2, random_episode_start=False,
-                               hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False, save_interval=100))
+                               total_timesteps=2 * 3 * 8, actor_num_minibatches=2, critic_num_minibatches=2,
+                               random_episode_start=False, hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False,
+                               save_interval=100))
     path = H.train(args)  # (the scripted episodes below need every env to start at step 0)
     assert os.path.basename(path) == "checkpoint_2.pt" and path.startswith("runs" + os.sep)
     checkpoint = torch.load(path, weights_only=True)
