@@ -9,7 +9,7 @@ With `--reference-policies`: the team return over `--steps` steps (undiscounted 
 hand-written policies on the same envs: the scripted pusher of the tests, agents fleeing each other at full speed,
 and agents standing still. Shows whether the reward itself prefers pushing.
 
-    python benchmarks/policy_diagnostics.py runs/RUN/checkpoint_781.pt
+    python benchmarks/policy_diagnostics.py runs/RUN/checkpoint_390.pt
     python benchmarks/policy_diagnostics.py --reference-policies
 """
 from __future__ import annotations

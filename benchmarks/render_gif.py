@@ -1,6 +1,6 @@
 """Render a trained policy pushing the box to a GIF, headless (matplotlib's Agg backend, no display).
 
-    python benchmarks/render_gif.py runs/RUN/checkpoint_781.pt --out benchmarks/results/push.gif
+    python benchmarks/render_gif.py runs/RUN/checkpoint_390.pt --out benchmarks/results/push.gif
 """
 from __future__ import annotations
 
