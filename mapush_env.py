@@ -101,12 +101,11 @@ class ActionRepeat:
         info = dict(info)
         env_steps = torch.ones(done.shape, dtype=torch.long, device=done.device)
         for _ in range(self.k - 1):
-            ended = done.clone()
-            obs, step_reward, step_done, step_info = self.env.step(actions * ~ended.view(-1, 1, 1))
-            live = ~ended  # the transition's episode was still running before this substep
+            live = ~done  # the transition's episode is still running before this substep
+            obs, step_reward, step_done, step_info = self.env.step(actions * live.view(-1, 1, 1))
             reward = reward + step_reward * live.unsqueeze(1)
             env_steps += live
-            done = ended | step_done
+            done = done | step_done
             for key in ("success", "time_out", "exception"):
                 info[key] = _pick(live, step_info[key], info[key])
             if "final_obs" in info:

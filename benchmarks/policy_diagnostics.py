@@ -28,6 +28,7 @@ from mapush_env import make_env, rotate  # noqa: E402
 from scripted_pusher import scripted_actions  # noqa: E402
 
 DIMS = ("vx", "vy", "yaw rate")
+MARKS = (1, 50, 100, 200, 300, 500, 1000)  # env steps at which the report prints a row (the first decision past each)
 
 
 def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
@@ -44,8 +45,7 @@ def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
         obs, _, done, _ = env.step(mean)
         history.push(obs, done)
         scene = env.scene()
-        marks = (1, 50, 100, 200, 300, 500, 1000)
-        if any(step - env.k < mark <= step for mark in marks) and alive.any():
+        if any(step - env.k < mark <= step for mark in MARKS) and alive.any():
             box_dist = torch.linalg.vector_norm(scene.agent_xy - scene.box_xy.unsqueeze(1), dim=-1)[alive].mean()
             separation = torch.linalg.vector_norm(scene.agent_xy[:, 0] - scene.agent_xy[:, 1], dim=-1)[alive].mean()
             target = torch.linalg.vector_norm(scene.box_xy - scene.target_xy, dim=-1)[alive].mean()
