@@ -7,8 +7,9 @@ benchmarks/results/.
 
     python benchmarks/ablations.py --seeds 1 2 --parallel 2 -- --total-timesteps 5000000
 
-`--default-from learning_curve` takes the default arm from the learning curve's runs (same flags, same seeds), cut
-at the other arms' last checkpoint, instead of training it again: nothing in training depends on the total budget.
+`--reuse ARM=NAME` takes an arm's runs from benchmarks/results/NAME (runs of `learning_curve.py --name NAME` with that
+arm's flags, same seeds), cut at the trained arms' last checkpoint, instead of training it again: nothing in training
+depends on the total budget. `--default-from NAME` is `--reuse default=NAME`.
 """
 from __future__ import annotations
 
@@ -29,40 +30,48 @@ ARMS = {
     "valuenorm_per_minibatch": ["--value-norm-update", "per-minibatch"],
     "critic_lr_1e-4": ["--critic-lr", "1e-4"],
     "no_clip_vloss": ["--no-clip-vloss"],
-    "critic_256x256": ["--critic-hidden-sizes", "256", "256"],
+    "critic_128x128": ["--critic-hidden-sizes", "128", "128"],
     "no_sequential": ["--no-sequential"],
+    # The width arm of the tables measured while the default critic was [128, 128]; the default since.
+    "critic_256x256": ["--critic-hidden-sizes", "256", "256"],
 }
+DEFAULT_ARMS = [arm for arm in ARMS if arm != "critic_256x256"]
 TAGS = ("losses/value_loss", "losses/explained_variance", "charts/success_rate", "charts/episodes")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (1 thread each if > 1)")
     parser.add_argument("--eval-episodes", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 1 when parallel, else all)")
     parser.add_argument("--name", default="ablations", help="output file prefix in benchmarks/results/")
     parser.add_argument("--skip-training", action="store_true", help="only analyse existing runs")
-    parser.add_argument("--default-from", default=None,
-                        help="read the default arm from benchmarks/results/NAME (runs of learning_curve.py --name NAME)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="ARM=NAME",
+                        help="read ARM's runs from benchmarks/results/NAME (runs of learning_curve.py --name NAME)")
+    parser.add_argument("--default-from", default=None, metavar="NAME", help="the same as --reuse default=NAME")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
     args = parser.parse_args()
-    if args.default_from and not [arm for arm in args.arms if arm != "default"]:
-        parser.error("--default-from cuts the default's runs at another arm's budget: give at least one other arm")
+    reused = dict(item.split("=", 1) for item in args.reuse if "=" in item)
+    if len(reused) != len(args.reuse) or not set(reused) <= set(args.arms):
+        parser.error(f"--reuse takes ARM=NAME with ARM one of --arms ({', '.join(args.arms)}), got {args.reuse}")
+    if args.default_from:
+        reused["default"] = args.default_from
+    trained = [arm for arm in args.arms if arm not in reused]
+    if reused and not trained:
+        parser.error("reused runs are cut at a trained arm's budget: leave at least one arm to train (or analyse)")
     common = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", "1000000"]
     run_root = os.path.join(RESULTS, args.name)
     if not args.skip_training:
-        jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in args.arms
-                if not (arm == "default" and args.default_from)]
+        jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in trained]
         run_all(jobs, args.parallel, args.threads)
 
     def arm_run(arm: str, seed: int) -> Tuple[str, str]:
         """(run directory, evaluated checkpoint) of an arm's seed."""
-        if arm == "default" and args.default_from:
-            directory = run_dir(os.path.join(RESULTS, args.default_from), args.default_from, seed)
-            other = next(a for a in args.arms if a != "default")
-            last = checkpoints(run_dir(run_root, other, seed))[-1][0]
+        if arm in reused:
+            directory = run_dir(os.path.join(RESULTS, reused[arm]), reused[arm], seed)
+            last = checkpoints(run_dir(run_root, trained[0], seed))[-1][0]
             matching = [path for iteration, path in checkpoints(directory) if iteration == last]
             if not matching:
                 raise FileNotFoundError(f"{directory} has no checkpoint at iteration {last}")
