@@ -3,7 +3,9 @@
 With a checkpoint: rolls out its deterministic policy (the mean action, as the calculator does) on `--envs` envs for
 `--steps` steps and prints, per agent and action dim (vx, vy, yaw rate), the mean action, the share of steps where the
 mean lies outside the env's [-1, 1] clip range, and the policy's std; then the mean agent-box distance, agent
-separation and box-target distance over time (envs counted until their first episode ends).
+separation and box-target distance over time (envs counted until their first episode ends), and how the first
+episodes ended: success, exception (agents closer than 0.25 m; how many on the first decision, i.e. spawned
+overlapping), time-out (with the box-target distance it was left at).
 
 With `--reference-policies`: the team return over `--steps` steps (undiscounted and at gamma 0.99) of three
 hand-written policies on the same envs: the scripted pusher of the tests, agents fleeing each other at full speed,
@@ -36,14 +38,23 @@ def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
     env = H.policy_env(checkpoint["args"], envs, "cpu", seed)  # a decision holds its action for env.k env steps
     actors = H.trained_actors(checkpoint, env)
     history, means, alive = H.ObsHistory(actors[0].obs_stack, env.reset()), [], torch.ones(envs, dtype=torch.bool)
+    outcome = {key: torch.zeros(envs, dtype=torch.bool) for key in ("success", "exception", "time_out")}
+    first_decision = torch.zeros(envs, dtype=torch.bool)  # first episodes that ended within the first decision
+    left_at = torch.zeros(envs)  # box-target distance when the first episode ended
     print(f"{path} (iteration {checkpoint['iteration']}, {checkpoint['global_step']} env steps)")
     print("step | envs in their first episode | agent-box distance (m) | agent separation (m) | box-target (m)")
     for step in range(env.k, steps + 1, env.k):
         with torch.no_grad():
             mean = H.mean_actions(actors, history.obs)
         means.append(mean[alive])
-        obs, _, done, _ = env.step(mean)
+        obs, _, done, info = env.step(mean)
         history.push(obs, done)
+        ended = done & alive
+        for key in outcome:
+            outcome[key] |= ended & info[key]
+        first_decision |= ended & (step == env.k)
+        final = info["final_scene"]  # the pre-reset scene of envs that just ended
+        left_at = torch.where(ended, torch.linalg.vector_norm(final.box_xy - final.target_xy, dim=-1), left_at)
         scene = env.scene()
         if any(step - env.k < mark <= step for mark in MARKS) and alive.any():
             box_dist = torch.linalg.vector_norm(scene.agent_xy - scene.box_xy.unsqueeze(1), dim=-1)[alive].mean()
@@ -58,6 +69,16 @@ def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
         for d, name in enumerate(DIMS):
             m = means[:, i, d]
             print(f"{i} | {name} | {m.mean():+.2f} | {(m.abs() > 1).float().mean():.2f} | {std[d]:.3f}")
+    exception = outcome["exception"] & ~outcome["success"]  # exclusive, in the calculator's order
+    time_out = outcome["time_out"] & ~outcome["success"] & ~outcome["exception"]
+    print(f"first episodes of {envs} envs: {int(outcome['success'].sum())} success, {int(exception.sum())} exception "
+          f"({int((exception & first_decision).sum())} within the first decision), "
+          f"{int(time_out.sum())} time-out, {int(alive.sum())} still running after {steps} steps")
+    if time_out.any():
+        at = left_at[time_out]
+        print(f"box-target distance at time-out (m): min {at.min():.2f}, quartiles "
+              f"{', '.join(f'{q:.2f}' for q in torch.quantile(at, torch.tensor([0.25, 0.5, 0.75])).tolist())}, "
+              f"max {at.max():.2f}; {int((at < 1.5).sum())} of them within 1.5 m (success: 1.0 m)")
 
 
 def flee(scene) -> torch.Tensor:
