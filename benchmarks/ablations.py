@@ -64,7 +64,8 @@ def main() -> None:
     common = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", "1000000"]
     run_root = os.path.join(RESULTS, args.name)
     if not args.skip_training:
-        jobs = [(run_root, arm, seed, ARMS[arm] + common) for seed in args.seeds for arm in trained]
+        # The arm's flags come last and win over a common flag for the same setting (tyro keeps the last).
+        jobs = [(run_root, arm, seed, common + ARMS[arm]) for seed in args.seeds for arm in trained]
         run_all(jobs, args.parallel, args.threads)
 
     def arm_run(arm: str, seed: int) -> Tuple[str, str]:
