@@ -9,7 +9,7 @@ benchmarks/results/.
 
 `--reuse ARM=NAME` takes an arm's runs from benchmarks/results/NAME (runs of `learning_curve.py --name NAME` with that
 arm's flags, same seeds), cut at the trained arms' last checkpoint, instead of training it again: nothing in training
-depends on the total budget. `--default-from NAME` is `--reuse default=NAME`.
+depends on the total budget.
 """
 from __future__ import annotations
 
@@ -50,14 +50,11 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="only analyse existing runs")
     parser.add_argument("--reuse", action="append", default=[], metavar="ARM=NAME",
                         help="read ARM's runs from benchmarks/results/NAME (runs of learning_curve.py --name NAME)")
-    parser.add_argument("--default-from", default=None, metavar="NAME", help="the same as --reuse default=NAME")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
     args = parser.parse_args()
     reused = dict(item.split("=", 1) for item in args.reuse if "=" in item)
     if len(reused) != len(args.reuse) or not set(reused) <= set(args.arms):
         parser.error(f"--reuse takes ARM=NAME with ARM one of --arms ({', '.join(args.arms)}), got {args.reuse}")
-    if args.default_from:
-        reused["default"] = args.default_from
     trained = [arm for arm in args.arms if arm not in reused]
     if reused and not trained:
         parser.error("reused runs are cut at a trained arm's budget: leave at least one arm to train (or analyse)")
