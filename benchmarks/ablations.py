@@ -125,8 +125,8 @@ def print_table(summary) -> None:
         mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
         seeds = ", ".join(f"{100 * r['eval_success']:.1f}" for r in rows)
         train = ", ".join(f"{100 * r['train_success_last_fifth']:.1f}" for r in rows)
-        print(f"| {arm} | {100 * mean('eval_success'):.1f} % ({seeds}) | {100 * mean('train_success_last_fifth'):.1f} % "
-              f"({train}) | {mean('value_loss_first_fifth'):.4f} -> "
+        print(f"| {arm} | {100 * mean('eval_success'):.1f} % ({seeds}) | "
+              f"{100 * mean('train_success_last_fifth'):.1f} % ({train}) | {mean('value_loss_first_fifth'):.4f} -> "
               f"{mean('value_loss_last_fifth'):.4f} | {mean('explained_variance_last_fifth'):.3f} |")
 
 

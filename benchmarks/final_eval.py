@@ -16,7 +16,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, checkpoints, evaluate_checkpoint  # noqa: E402
+from common import RESULTS, checkpoints, evaluate_checkpoint, run_dir  # noqa: E402
 
 
 def main() -> None:
@@ -26,18 +26,19 @@ def main() -> None:
     parser.add_argument("--out", default="final_eval_20m", help="output file name in benchmarks/results/")
     args = parser.parse_args()
 
-    import torch
+    import happo_mapush as H
 
     rows = []
     for name in args.names:
+        root = os.path.join(RESULTS, name)
         pattern = re.compile(rf"__{re.escape(name)}__(\d+)__\d+$")
-        runs = sorted((int(m.group(1)), d) for d in glob.glob(os.path.join(RESULTS, name, "runs", "*"))
-                      for m in [pattern.search(d)] if m)
-        if not runs:
-            raise SystemExit(f"no runs of {name!r} under {os.path.join(RESULTS, name, 'runs')}")
-        for seed, directory in runs:
-            iteration, path = checkpoints(directory)[-1]
-            saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+        found = (pattern.search(d) for d in glob.glob(os.path.join(root, "runs", "*")))
+        seeds = sorted({int(m.group(1)) for m in found if m})
+        if not seeds:
+            raise SystemExit(f"no runs of {name!r} under {os.path.join(root, 'runs')}")
+        for seed in seeds:  # the newest run of each seed, as the other scripts read them
+            _, path = checkpoints(run_dir(root, name, seed))[-1]
+            saved = H.load_checkpoint(path, "cpu")["args"]
             for episodes in args.episodes:
                 success, completion, steps = evaluate_checkpoint(path, episodes)
                 rows.append(dict(run=name, seed=seed, action_repeat=saved.get("action_repeat", 1),

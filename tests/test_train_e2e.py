@@ -157,8 +157,7 @@ def test_nan_loss_stops_after_saving_the_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(mapush_env.VmasPushEnv, "step", poisoned_step)
     args = H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 5, hidden_sizes=(16,),
-                  critic_hidden_sizes=(16,),
-                  actor_num_minibatches=2, critic_num_minibatches=2,
+                  critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2,
                   save_interval=100, cuda=False)
     with pytest.raises(SystemExit) as err:
         H.train(H.check_args(args))
