@@ -152,14 +152,21 @@ BOX_INWARD_NORMALS = ((0.0, 1.0), (-1.0, 0.0), (0.0, -1.0), (1.0, 0.0))
 def nearest_face_normal(q: torch.Tensor) -> torch.Tensor:
     """Inward normal [..., 2] (box frame) of the box edge nearest to the box-frame points q [..., 2].
 
-    Point-to-segment distance; on a tie (nearest feature is a corner) the lower edge index wins, as in MQE.
+    Each edge's distance is the smallest of three candidates, as MQE computes them (`go1_push_mid_wrapper.py`,
+    `calc_normal_vector_for_obc_reward`): the perpendicular distance while the foot of the perpendicular lies on the
+    edge, and the plain distances to its two vertices. The two edges sharing a corner compute that corner's distance
+    with the same operations, so past a corner they tie bitwise and the lower edge index wins (first minimum).
     """
     start = q.new_tensor(BOX_VERTICES)  # [4, 2]
     edge = torch.roll(start, -1, dims=0) - start  # [4, 2]
-    rel = q.unsqueeze(-2) - start  # [..., 4, 2]
-    t = ((rel * edge).sum(-1) / (edge * edge).sum(-1)).clamp(0.0, 1.0)
-    dist = torch.linalg.vector_norm(rel - t.unsqueeze(-1) * edge, dim=-1)  # [..., 4]
-    nearest = torch.argmin(dist, dim=-1)  # first minimum on ties
+    unit = edge / torch.linalg.vector_norm(edge, dim=-1, keepdim=True)
+    to_start = q.unsqueeze(-2) - start  # [..., 4, 2]
+    to_end = torch.roll(to_start, -1, dims=-2)  # q - the edge's end vertex: the next edge's `to_start`, same bits
+    on_edge = ((to_start * edge).sum(-1) >= 0) & ((to_end * edge).sum(-1) <= 0)
+    perpendicular = (to_start[..., 0] * unit[:, 1] - to_start[..., 1] * unit[:, 0]).abs()
+    candidates = torch.stack([torch.where(on_edge, perpendicular, torch.full_like(perpendicular, math.inf)),
+                              torch.linalg.vector_norm(to_start, dim=-1), torch.linalg.vector_norm(to_end, dim=-1)])
+    nearest = torch.argmin(candidates.amin(0), dim=-1)  # first minimum on ties
     return q.new_tensor(BOX_INWARD_NORMALS)[nearest]
 
 

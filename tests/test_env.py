@@ -230,6 +230,51 @@ def test_ocb_corner_tie_goes_to_lower_edge_index():
     assert terms["ocb"].item() == pytest.approx(0.004, abs=1e-6)
 
 
+def mqe_face_normals(points: torch.Tensor) -> torch.Tensor:
+    """The reference: MQE's calc_normal_vector_for_obc_reward on box-frame points [N, 2], written out edge by edge.
+
+    Per edge: the perpendicular distance (|cross product| with the unit edge) where the foot lies on the edge, and
+    the plain norms to its two vertices; the edge's distance is their first minimum, the nearest edge the first
+    minimum over edges, and its normal (-unit_y, unit_x)."""
+    vertices = torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.6, 0.6], [-0.6, 0.6]])
+    per_edge, normals = [], []
+    for k in range(4):
+        a, b = vertices[k], vertices[(k + 1) % 4]
+        e = b - a
+        u = e / torch.norm(e)
+        va, vb = points - a, points - b
+        on_segment = ((va * e).sum(1) >= 0) & ((vb * e).sum(1) <= 0)
+        line = torch.where(on_segment, torch.abs(va[:, 0] * u[1] - va[:, 1] * u[0]), torch.tensor(float("inf")))
+        per_edge.append(torch.min(torch.stack([line, torch.norm(va, dim=1), torch.norm(vb, dim=1)], dim=1), dim=1)[0])
+        normals.append(torch.stack([-u[1], u[0]]))
+    nearest = torch.min(torch.stack(per_edge, dim=1), dim=1)[1]
+    return torch.stack(normals)[nearest]
+
+
+def test_face_normal_ties_like_mqe_on_a_dense_lattice():
+    grid = torch.arange(-80, 81, dtype=torch.float64) * 0.025  # -2 .. 2 m, includes +-0.6 and 0 exactly
+    gx, gy = torch.meshgrid(grid, grid, indexing="ij")
+    lattice = torch.stack([gx.flatten(), gy.flatten()], dim=1).float()
+    t = torch.linspace(-2.0, 2.0, 401)
+    diagonals = torch.cat([torch.stack([t, t], 1), torch.stack([t, -t], 1)])
+    edge_lines = torch.cat([torch.stack([torch.full_like(t, s), t], 1) for s in (-0.6, 0.6)]
+                           + [torch.stack([t, torch.full_like(t, s)], 1) for s in (-0.6, 0.6)])
+    vertices = torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.6, 0.6], [-0.6, 0.6]])
+    gen = torch.Generator().manual_seed(0)
+    corner = (0.6 + 1.4 * torch.rand(4000, 2, generator=gen)) * (torch.randint(0, 2, (4000, 2), generator=gen) * 2 - 1)
+    known = torch.tensor([[-1.5, -1.5], [0.7, 0.8], [-0.8, 0.7]])  # picked the other edge before the fix
+    points = torch.cat([lattice, diagonals, edge_lines, vertices, corner, known])
+    in_corner = (points.abs() > 0.6).all(1)
+    assert int(in_corner.sum()) > 8000  # the tie region is well covered
+    got, expected = M.nearest_face_normal(points), mqe_face_normals(points)
+    mismatched = (got != expected).any(1)
+    assert not mismatched.any(), points[mismatched][:5].tolist()
+    # past a corner the lower edge index wins: V0 -> edge 0, V2 -> edge 1, V3 -> edge 2
+    assert got[-3:].tolist() == [[0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]
+    # the batch shape is kept: [E, A, 2] points as the rewards pass them
+    torch.testing.assert_close(M.nearest_face_normal(points[:12].view(6, 2, 2)).flatten(0, 1), got[:12])
+
+
 def test_ocb_rotated_box():
     # Box turned by 90 degrees: the box-frame top face now points to world -x.
     _, terms = rewards_for(box_xy=(0.0, 0.0), box_yaw=math.pi / 2, target_xy=(2.0, 0.0),
