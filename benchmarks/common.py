@@ -66,11 +66,12 @@ def checkpoints(directory: str) -> List[Tuple[int, str]]:
     return sorted((int(os.path.basename(p)[len("checkpoint_"):-3]), p) for p in paths)
 
 
-def evaluate_checkpoint(path: str, episodes: int) -> Tuple[float, float, int]:
-    """MAPush's calculator on `episodes` envs seeded with EVAL_SEED (not a training seed): (success rate, mean
-    completion time s, env steps trained). Remembered in `<checkpoint>.eval<episodes>.json`, so reruns skip finished
+def evaluate_checkpoint(path: str, episodes: int, seed: int = EVAL_SEED) -> Tuple[float, float, int]:
+    """MAPush's calculator on `episodes` envs seeded with `seed` (not a training seed): (success rate, mean completion
+    time s, env steps trained). Remembered in `<checkpoint>.eval<episodes>[_s<seed>].json`, so reruns skip finished
     work."""
-    cache = f"{path[:-3]}.eval{episodes}.json"
+    suffix = "" if seed == EVAL_SEED else f"_s{seed}"
+    cache = f"{path[:-3]}.eval{episodes}{suffix}.json"
     if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(path):
         with open(cache) as f:
             success, completion, steps = json.load(f)
@@ -80,12 +81,19 @@ def evaluate_checkpoint(path: str, episodes: int) -> Tuple[float, float, int]:
     import happo_mapush as H
 
     checkpoint = H.load_checkpoint(path, "cpu")
-    env = H.policy_env(checkpoint["args"], episodes, "cpu", EVAL_SEED)
+    env = H.policy_env(checkpoint["args"], episodes, "cpu", seed)
     with torch.no_grad():
         success, completion = H.evaluate(H.trained_actors(checkpoint, env), env)
     with open(cache, "w") as f:
         json.dump([success, completion, checkpoint["global_step"]], f)
     return success, completion, checkpoint["global_step"]
+
+
+def fresh_folder(prefix: str) -> str:
+    """A new folder benchmarks/results/<prefix>_<time stamp>: a rerun never overwrites committed results."""
+    path = os.path.join(RESULTS, f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(path)
+    return path
 
 
 def scalars(directory: str, tags: Sequence[str]) -> Dict[str, List[Tuple[int, float]]]:
