@@ -7,26 +7,14 @@ The target has no yaw (it never rotates). Every agent's critic sees this same st
 """
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Tuple
 
 import torch
 
+from mapush_env import TWO_PI, Scene
+
 LIN_VEL_SCALE = 2.0  # MQE's normalization.obs_scales.lin_vel
 ANG_VEL_SCALE = 0.25  # MQE's normalization.obs_scales.ang_vel
-TWO_PI = 2.0 * math.pi
-
-
-class Scene(NamedTuple):
-    """Physical state of E envs with A agents, all tensors on the env's device."""
-
-    box_xy: torch.Tensor  # [E, 2] env-relative, m
-    box_yaw: torch.Tensor  # [E] in [0, 2*pi)
-    target_xy: torch.Tensor  # [E, 2] env-relative, m
-    agent_xy: torch.Tensor  # [E, A, 2] env-relative, m
-    agent_yaw: torch.Tensor  # [E, A] in [0, 2*pi)
-    agent_lin_vel: torch.Tensor  # [E, A, 2] body frame (forward, left), m/s
-    agent_ang_vel: torch.Tensor  # [E, A] yaw rate, rad/s
 
 
 def global_state_dim(num_agents: int) -> int:

@@ -1,8 +1,9 @@
-"""MAPush's mid-level cuboid task `go1push_mid` behind one contract (DESIGN.md), two backends.
+"""MAPush's mid-level cuboid task `go1push_mid` behind one contract, and its embedded VMAS backend.
 
-- `vmas` (default): a planar re-creation on VMAS's rigid-body `World` (physics only). Resets, observations,
-  rewards and termination follow `specs/mapush_go1push_mid.md` sections 1-7; the dynamics follow section 10.
-- `isaacgym`: a thin adapter over MQE's `make_mqe_env("go1push_mid", ...)` (needs Isaac Gym and MAPush).
+The contract (both backends; DESIGN in README "Code tour"): `make_env`, `Scene`, `ActionRepeat`, `evaluate`.
+- `vmas` (default, this file): a planar re-creation on VMAS's rigid-body `World` (physics only). Resets,
+  observations, rewards and termination follow MQE's `Go1PushMidWrapper`; docs/embedded_task.md has the physics.
+- `isaacgym` (`mapush_isaacgym.py`, imported only when chosen): a thin adapter over MQE's `make_mqe_env`.
 
     env = make_env("vmas", num_envs=512, device="cpu", seed=0)
     obs = env.reset()                               # [E, A, 8]
@@ -10,14 +11,25 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
-from global_state import TWO_PI, Scene, sanitize, scene_from_mqe
+TWO_PI = 2.0 * math.pi
+
+
+class Scene(NamedTuple):
+    """Physical state of E envs with A agents, all tensors on the env's device (`env.scene()`)."""
+
+    box_xy: torch.Tensor  # [E, 2] env-relative, m
+    box_yaw: torch.Tensor  # [E] in [0, 2*pi)
+    target_xy: torch.Tensor  # [E, 2] env-relative, m
+    agent_xy: torch.Tensor  # [E, A, 2] env-relative, m
+    agent_yaw: torch.Tensor  # [E, A] in [0, 2*pi)
+    agent_lin_vel: torch.Tensor  # [E, A, 2] body frame (forward, left), m/s
+    agent_ang_vel: torch.Tensor  # [E, A] yaw rate, rad/s
+
 
 BACKENDS = ("vmas", "isaacgym")
 
@@ -66,9 +78,21 @@ def make_env(backend: str = "vmas", num_envs: int = 512, device="cpu", seed: int
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     if backend == "vmas":
         return VmasPushEnv(num_envs=num_envs, device=device, seed=seed, **options)
-    if backend == "isaacgym":
+    if backend == "isaacgym":  # imported here: it needs Isaac Gym and MQE, which only this backend uses
+        from mapush_isaacgym import IsaacGymPushEnv
+
         return IsaacGymPushEnv(num_envs=num_envs, device=device, seed=seed, **options)
     raise ValueError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+
+
+def check_actions(env, actions) -> None:
+    """The contract's actions: a float32 tensor [E, A, 3] on the env's device (ValueError naming the shape if not)."""
+    expected = (env.num_envs, env.num_agents, env.action_dim)
+    if not isinstance(actions, torch.Tensor):
+        raise ValueError(f"actions must be a torch.Tensor of shape {expected}, got {type(actions).__name__}")
+    if tuple(actions.shape) != expected or actions.dtype != torch.float32 or actions.device != env.device:
+        raise ValueError(f"actions must be float32 of shape {expected} on {env.device}, "
+                         f"got {actions.dtype} of shape {tuple(actions.shape)} on {actions.device}")
 
 
 def _pick(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -117,6 +141,27 @@ class ActionRepeat:
             info["nonfinite_obs"] = info["nonfinite_obs"] + step_info["nonfinite_obs"]
         info["env_steps"] = env_steps
         return obs, reward, done, info
+
+
+@torch.no_grad()
+def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], env) -> Tuple[float, float]:
+    """MAPush's success-rate calculator: `policy` maps observations [E, A, obs_dim] to actions [E, A, 3]; each env's
+    first episode counts, failures take 20 s. Returns (success rate, mean completion time in s)."""
+    obs = env.reset()
+    finished = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    success = torch.zeros_like(finished)
+    completion = torch.full((env.num_envs,), env.episode_steps * DT, device=env.device)
+    elapsed = torch.zeros(env.num_envs, device=env.device)  # env steps of each env's first episode so far
+    for _ in range(env.episode_steps + 1):  # every decision takes at least one env step
+        obs, _, done, info = env.step(policy(torch.where(torch.isfinite(obs), obs, torch.zeros_like(obs))))
+        elapsed = elapsed + info.get("env_steps", 1)  # > 1 under ActionRepeat
+        first = done & ~finished
+        completion = torch.where(first & info["success"], elapsed * DT, completion)
+        success |= first & info["success"]
+        finished |= done
+        if bool(finished.all()):
+            break
+    return success.float().mean().item(), completion.mean().item()
 
 
 def rotate(xy: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
@@ -289,7 +334,8 @@ class VmasPushEnv:
     def _observe(self) -> torch.Tensor:
         xy, yaw, _, _ = self._agents_state()
         box_xy, box_yaw = self._box_state()
-        return sanitize(observations(box_xy, box_yaw, self.target_xy, xy, yaw))[0]
+        obs = observations(box_xy, box_yaw, self.target_xy, xy, yaw)
+        return torch.where(torch.isfinite(obs), obs, torch.zeros_like(obs))
 
     def state_dict(self) -> dict:
         """The full dynamic state (for exact resumption); the per-env friction follows from the seed."""
@@ -349,18 +395,8 @@ class VmasPushEnv:
         self.step_count = torch.randint(0, EPISODE_STEPS, (self.num_envs,), generator=self.rng, device=self.device)
 
     # -- step -------------------------------------------------------------------------------------------------
-    def _check_actions(self, actions) -> None:
-        expected = (self.num_envs, self.num_agents, self.action_dim)
-        if not isinstance(actions, torch.Tensor):
-            raise ValueError(f"actions must be a torch.Tensor of shape {expected}, got {type(actions).__name__}")
-        if tuple(actions.shape) != expected or actions.dtype != torch.float32 or actions.device != self.device:
-            raise ValueError(
-                f"actions must be float32 of shape {expected} on {self.device}, "
-                f"got {actions.dtype} of shape {tuple(actions.shape)} on {actions.device}"
-            )
-
     def step(self, actions: torch.Tensor):
-        self._check_actions(actions)
+        check_actions(self, actions)
         command = ACTION_SCALE * actions.clamp(-1.0, 1.0)  # [E, A, 3] body-frame (vx, vy, yaw rate)
         self.v_ref = self.v_ref + self.lag * (command - self.v_ref)
         _, yaw, vel, ang_vel = self._agents_state()
@@ -398,123 +434,3 @@ class VmasPushEnv:
             self._reset_envs(done)
             obs = self._observe()
         return obs, reward, done, info
-
-
-ISAACGYM_HELP = (
-    "the isaacgym backend needs Isaac Gym Preview 4 and MAPush (MQE), and importing them failed ({err}). "
-    "Install both in a Python 3.8 environment: Isaac Gym Preview 4 from NVIDIA (`pip install -e isaacgym/python`) "
-    "and a MAPush checkout (`pip install -e .` in its root), then run from the MAPush root or set MAPUSH_ROOT "
-    "(docs/isaacgym.md has the recipe). The default `--env-backend vmas` needs none of this."
-)
-# MQE's `reward_buffer` names -> this project's reward-term names (those of the vmas backend).
-MQE_REWARD_TERMS = {"distance_to_target_reward": "distance_to_target", "approach_to_box_reward": "approach",
-                    "collision_punishment": "collision", "push_reward": "push", "ocb_reward": "ocb",
-                    "reach_target_reward": "reach_target", "exception_punishment": "exception"}
-MQE_NOT_REWARD_SUMS = ("step_count", "gating_factor")  # a step counter and (fork) a sum of per-step means
-# Attributes only the fork's wrapper has (alexei-erm/heterogeneous-MAPush, spec 5.9); that wrapper also sums the
-# per-agent rewards and gives every agent the team sum (spec 5.8).
-FORK_WRAPPER_ATTRIBUTES = ("individualized_rewards", "shared_gated_rewards")
-
-
-class IsaacGymPushEnv:
-    """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with the contract of DESIGN.md.
-
-    - Team reward: the contract's rewards are per agent and the trainer forms the team reward, so it must not get a
-      reward that is already a team sum. Upstream MAPush's wrapper returns per-agent rewards (passed through); the
-      fork's wrapper returns the team sum to every agent, so the adapter returns equal shares, sum / num_agents, and
-      the trainer's `--team-reward sum` gives back the team sum (exactly for 2 agents). `wrapper_team_reward=None`
-      detects the fork by its fork-only attributes `individualized_rewards` / `shared_gated_rewards`; pass True or
-      False for a wrapper that sums without them or has them without summing.
-    - Working directory: MQE loads its assets, locomotion policy and actuator net by paths relative to the MAPush
-      root, all during construction. Given `mapush_root` (default: $MAPUSH_ROOT), the adapter imports MQE and builds
-      the env there, then returns to the caller's directory (so `runs/` lands where the user started); without it
-      the process must already run from the MAPush root.
-    - No final observation (MQE has none): time-outs are terminal for the trainer. No state_dict: resuming a run
-      restarts the simulator's episodes.
-    - info["reward_terms"]: MQE keeps only running sums over all envs (`reward_buffer`). The adapter reads and zeroes
-      them every step, so each term's sum over envs is this step's exact sum; each env's entry holds that sum / E
-      (MQE keeps no per-env values). info["nonfinite_obs"]: 1 for an env whose observation MQE found NaN/Inf and
-      zeroed (its `value_exception_buf`), else 0.
-    """
-
-    _check_actions = VmasPushEnv._check_actions  # the same validation as the vmas backend
-
-    def __init__(self, num_envs: int, device="cuda:0", seed: int = 0, mapush_root: Optional[str] = None,
-                 wrapper_team_reward: Optional[bool] = None):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        root = mapush_root if mapush_root is not None else os.environ.get("MAPUSH_ROOT")
-        cwd = os.getcwd()
-        if root:
-            os.chdir(root)
-        try:  # import inside the MAPush root too: MQE's helpers put cwd-relative folders on sys.path at import
-            self.wrapper = self._make_wrapper(num_envs, seed)
-        finally:
-            os.chdir(cwd)
-        self.base_env = getattr(self.wrapper, "env", self.wrapper)  # MQE's Go1Object: flags and state buffers
-        self.num_envs, self.num_agents = int(self.base_env.num_envs), int(self.base_env.num_agents)
-        self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
-        if wrapper_team_reward is None:
-            wrapper_team_reward = any(hasattr(self.wrapper, name) for name in FORK_WRAPPER_ATTRIBUTES)
-        self.wrapper_team_reward = bool(wrapper_team_reward)
-
-    def _make_wrapper(self, num_envs: int, seed: int):
-        try:
-            import isaacgym  # noqa: F401  (a real process must import it before torch: happo_mapush.py does)
-            from isaacgym import gymapi
-            from mqe.envs.utils import custom_cfg, make_mqe_env
-        except ImportError as err:
-            raise BackendUnavailable(ISAACGYM_HELP.format(err=err)) from None
-        on_gpu = self.device.type == "cuda"
-        # The fields MQE's make_env reads, set as HARL's MAPushEnv sets them (spec 9.1).
-        args = argparse.Namespace(
-            num_envs=num_envs, seed=seed, record_video=False, headless=True, physics_engine=gymapi.SIM_PHYSX,
-            sim_device=str(self.device), sim_device_type=self.device.type, compute_device_id=self.device.index or 0,
-            rl_device=str(self.device), device=self.device.type, use_gpu=on_gpu, use_gpu_pipeline=on_gpu,
-            subscenes=0, num_threads=0)
-        wrapper, _ = make_mqe_env("go1push_mid", args, custom_cfg(args))
-        return wrapper
-
-    def scene(self) -> Scene:
-        return scene_from_mqe(self.wrapper)
-
-    def reset(self) -> torch.Tensor:
-        obs = self.wrapper.reset()
-        self._reward_terms()  # drop anything accumulated before, so the first step's terms are that step's
-        return obs.float()
-
-    def randomize_episode_start(self) -> None:
-        """As `VmasPushEnv.randomize_episode_start`, on MQE's `episode_length_buf` (torch's global generator)."""
-        buf = self.base_env.episode_length_buf
-        buf[:] = torch.randint(0, EPISODE_STEPS, buf.shape, device=buf.device).to(buf.dtype)
-
-    def step(self, actions: torch.Tensor):
-        self._check_actions(actions)
-        obs, reward, done, _ = self.wrapper.step(actions)  # MQE clips to [-1, 1] and scales by 0.5 itself
-        reward = reward.float()
-        if self.wrapper_team_reward:
-            reward = reward / self.num_agents  # equal shares of the wrapper's team sum: the trainer must not sum twice
-        nonfinite = getattr(self.wrapper, "value_exception_buf", None)
-        info = {  # this step's flags, set before MQE's auto-reset (spec 6.3); copied, MQE reuses its buffers
-            "success": self.base_env.finished_buf.to(torch.bool, copy=True),
-            "time_out": self.base_env.time_out_buf.to(torch.bool, copy=True),
-            "exception": self.base_env.exception_buf.to(torch.bool, copy=True),
-            "reward_terms": self._reward_terms(),
-            "nonfinite_obs": (torch.zeros(self.num_envs, dtype=torch.long, device=self.device) if nonfinite is None
-                              else nonfinite.long()),
-        }
-        return obs.float(), reward, done.to(torch.bool, copy=True), info
-
-    def _reward_terms(self) -> Dict[str, torch.Tensor]:
-        buffer = getattr(self.wrapper, "reward_buffer", None)
-        if not isinstance(buffer, dict):
-            return {}
-        names = [name for name in buffer if name not in MQE_NOT_REWARD_SUMS]
-        # MQE keeps tensors or floats there; stacking on the device avoids a host round trip per term and step
-        sums = torch.stack([torch.as_tensor(buffer[name], dtype=torch.float32, device=self.device).reshape(())
-                            for name in names]) if names else torch.zeros(0, device=self.device)
-        for name in names:
-            buffer[name] = 0  # MQE only ever adds to it; only OpenRL's logger reads it, and that resets it too
-        shares = (sums / self.num_envs).unsqueeze(1).expand(-1, self.num_envs)
-        return {MQE_REWARD_TERMS.get(name, name): shares[i] for i, name in enumerate(names)}

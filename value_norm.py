@@ -18,6 +18,7 @@ class ValueNorm(nn.Module):
         self.beta = beta
         self.epsilon = epsilon
         self.var_floor = var_floor
+        # Fix: registered buffers, so checkpoints keep the statistics on CUDA too (HARL's would lose them).
         self.register_buffer("running_mean", torch.zeros(1, device=device))
         self.register_buffer("running_mean_sq", torch.zeros(1, device=device))
         self.register_buffer("debiasing_term", torch.zeros((), device=device))
@@ -27,9 +28,14 @@ class ValueNorm(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         """One update with the batch mean of x (any shape; HARL passes [B, 1])."""
         x = x.to(self.running_mean.device, torch.float32)
+        self.update_moments(x.mean(), (x * x).mean())
+
+    @torch.no_grad()
+    def update_moments(self, mean: torch.Tensor, mean_sq: torch.Tensor) -> None:
+        """One update with a batch's mean and mean square (the trainer passes those of all ranks' batches)."""
         w = self.beta
-        self.running_mean.mul_(w).add_((1.0 - w) * x.mean())
-        self.running_mean_sq.mul_(w).add_((1.0 - w) * (x * x).mean())
+        self.running_mean.mul_(w).add_((1.0 - w) * mean)
+        self.running_mean_sq.mul_(w).add_((1.0 - w) * mean_sq)
         self.debiasing_term.mul_(w).add_(1.0 - w)
         self.num_updates += 1
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import mapush_env as M
-from global_state import Scene
-from mapush_env import make_env, observations, task_rewards
+from mapush_env import Scene, make_env, observations, task_rewards
 
 from scripted_pusher import scripted_actions
 

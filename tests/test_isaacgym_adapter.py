@@ -21,7 +21,8 @@ import torch
 
 import happo_mapush as H
 from global_state import build_global_state
-from mapush_env import EPISODE_STEPS, BackendUnavailable, IsaacGymPushEnv, make_env, observations
+from mapush_env import EPISODE_STEPS, BackendUnavailable, make_env, observations
+from mapush_isaacgym import IsaacGymPushEnv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 4  # the fake's time-out fires when episode_length_buf > MAX_LEN
@@ -495,7 +496,7 @@ def test_trainer_runs_two_iterations_on_the_isaacgym_code_path(fake_mqe, tmp_pat
     assert os.path.basename(path) == "checkpoint_2.pt" and path.startswith("runs" + os.sep)
     checkpoint = torch.load(path, weights_only=True)
     assert (checkpoint["iteration"], checkpoint["global_step"]) == (2, 48)
-    assert checkpoint["env"] is None  # MQE's simulator state is not saved
+    assert checkpoint["ranks"][0]["env"] is None  # MQE's simulator state is not saved
     assert checkpoint["args"]["env_backend"] == "isaacgym"
     (call,) = fake_mqe.calls  # one simulator per process, as Isaac Gym allows
     assert len(call.wrapper.env.received) == 16
