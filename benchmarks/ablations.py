@@ -2,14 +2,14 @@
 
 For each arm and seed, trains `happo_mapush.py` with the arm's flags (plus the common flags after `--`), then reads
 the critic's value loss, explained variance and training success rate from TensorBoard and evaluates the final
-checkpoint with MAPush's calculator. Writes per-iteration curves and a summary as CSV, and a PNG, to
-benchmarks/results/.
+checkpoint with MAPush's calculator. Writes the runs, per-iteration curves and a summary as CSV, and a PNG into the
+output folder: a new benchmarks/results/<name>_<time> unless `--out` names one.
 
     python benchmarks/ablations.py --seeds 1 2 --parallel 2 -- --total-timesteps 5000000
 
-`--reuse ARM=NAME` takes an arm's runs from benchmarks/results/NAME (runs of `learning_curve.py --name NAME` with that
-arm's flags, same seeds), cut at the trained arms' last checkpoint, instead of training it again: nothing in training
-depends on the total budget.
+`--reuse ARM=FOLDER:NAME` takes an arm's runs from FOLDER (the output folder of `learning_curve.py --name NAME`
+with that arm's flags, same seeds), cut at the trained arms' last checkpoint, instead of training it again: nothing
+in training depends on the total budget.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 from typing import Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, checkpoints, evaluate_checkpoint, run_all, run_dir, scalars  # noqa: E402
+from common import checkpoints, evaluate_checkpoint, fresh_folder, run_all, run_dir, scalars  # noqa: E402
 
 # Each arm changes one thing relative to the default (the documented fix or choice it undoes).
 ARMS = {
@@ -46,20 +46,23 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time (1 thread each if > 1)")
     parser.add_argument("--eval-episodes", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 1 when parallel, else all)")
-    parser.add_argument("--name", default="ablations", help="output file prefix in benchmarks/results/")
-    parser.add_argument("--skip-training", action="store_true", help="only analyse existing runs")
-    parser.add_argument("--reuse", action="append", default=[], metavar="ARM=NAME",
-                        help="read ARM's runs from benchmarks/results/NAME (runs of learning_curve.py --name NAME)")
+    parser.add_argument("--name", default="ablations", help="the output files' prefix")
+    parser.add_argument("--out", help="output folder (default: a new benchmarks/results/<name>_<time>)")
+    parser.add_argument("--skip-training", action="store_true", help="only analyse the runs in --out")
+    parser.add_argument("--reuse", action="append", default=[], metavar="ARM=FOLDER:NAME",
+                        help="read ARM's runs from FOLDER (runs of learning_curve.py --name NAME)")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
     args = parser.parse_args()
-    reused = dict(item.split("=", 1) for item in args.reuse if "=" in item)
+    reused = dict(item.split("=", 1) for item in args.reuse if "=" in item and ":" in item)
     if len(reused) != len(args.reuse) or not set(reused) <= set(args.arms):
-        parser.error(f"--reuse takes ARM=NAME with ARM one of --arms ({', '.join(args.arms)}), got {args.reuse}")
+        parser.error(f"--reuse takes ARM=FOLDER:NAME with ARM one of --arms ({', '.join(args.arms)}), got {args.reuse}")
+    if args.skip_training and not args.out:
+        parser.error("--skip-training analyses earlier runs: name their folder with --out")
     trained = [arm for arm in args.arms if arm not in reused]
     if reused and not trained:
         parser.error("reused runs are cut at a trained arm's budget: leave at least one arm to train (or analyse)")
     common = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", "1000000"]
-    run_root = os.path.join(RESULTS, args.name)
+    run_root = args.out or fresh_folder(args.name)
     if not args.skip_training:
         # The arm's flags come last and win over a common flag for the same setting (tyro keeps the last).
         jobs = [(run_root, arm, seed, common + ARMS[arm]) for seed in args.seeds for arm in trained]
@@ -68,7 +71,8 @@ def main() -> None:
     def arm_run(arm: str, seed: int) -> Tuple[str, str]:
         """(run directory, evaluated checkpoint) of an arm's seed."""
         if arm in reused:
-            directory = run_dir(os.path.join(RESULTS, reused[arm]), reused[arm], seed)
+            folder, name = reused[arm].rsplit(":", 1)
+            directory = run_dir(folder, name, seed)
             last = checkpoints(run_dir(run_root, trained[0], seed))[-1][0]
             matching = [path for iteration, path in checkpoints(directory) if iteration == last]
             if not matching:
@@ -96,14 +100,13 @@ def main() -> None:
                                 explained_variance_last_fifth=statistics.mean(ev[-tail:]),
                                 train_success_last_fifth=train_success(series, steps * 4 / 5)))
             print(summary[-1], flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
     for rows, suffix in ((curves, "curves"), (summary, "summary")):
-        with open(os.path.join(RESULTS, f"{args.name}_{suffix}.csv"), "w", newline="") as f:
+        with open(os.path.join(run_root, f"{args.name}_{suffix}.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
     print_table(summary)
-    plot(curves, os.path.join(RESULTS, f"{args.name}.png"))
+    plot(curves, os.path.join(run_root, f"{args.name}.png"))
 
 
 def train_success(series, after: float) -> float:

@@ -80,10 +80,13 @@ def evaluate_checkpoint(path: str, episodes: int, seed: int = EVAL_SEED) -> Tupl
 
     import happo_mapush as H
 
+    from mapush_env import evaluate
+
     checkpoint = H.load_checkpoint(path, "cpu")
     env = H.policy_env(checkpoint["args"], episodes, "cpu", seed)
+    actors = H.trained_actors(checkpoint, env)
     with torch.no_grad():
-        success, completion = H.evaluate(H.trained_actors(checkpoint, env), env)
+        success, completion = evaluate(lambda obs: H.mean_actions(actors, obs), env)
     with open(cache, "w") as f:
         json.dump([success, completion, checkpoint["global_step"]], f)
     return success, completion, checkpoint["global_step"]

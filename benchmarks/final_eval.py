@@ -1,10 +1,11 @@
 """Final evaluation: MAPush's calculator on the last checkpoint of every seed of finished runs, at several eval sizes.
 
 The learning curve evaluates on 256 envs (about +-2.5 % standard error at 85 % success); this adds larger samples of
-the same first-episode statistic. Reads the runs of `learning_curve.py --name NAME`; writes one CSV row per run, seed
-and eval size to benchmarks/results/<--out>.csv. Evaluations are cached next to the checkpoints.
+the same first-episode statistic. Reads the runs of `learning_curve.py --name NAME --out FOLDER` given as
+FOLDER:NAME; writes one CSV row per run, seed and eval size to `--out` (default: a new
+benchmarks/results/final_eval_<time>.csv). Evaluations are cached next to the checkpoints.
 
-    python benchmarks/final_eval.py --names probe_critic256 probe_ar5 probe_ar10 --episodes 256 1024
+    python benchmarks/final_eval.py --runs benchmarks/results/lc_20261201-220000:learning_curve --episodes 256 1024
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import glob
 import os
 import re
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, checkpoints, evaluate_checkpoint, run_dir  # noqa: E402
@@ -21,17 +23,18 @@ from common import RESULTS, checkpoints, evaluate_checkpoint, run_dir  # noqa: E
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--names", nargs="+", required=True, help="learning_curve.py --name of each configuration")
+    parser.add_argument("--runs", nargs="+", required=True, metavar="FOLDER:NAME",
+                        help="learning_curve.py's output folder and --name of each configuration")
     parser.add_argument("--episodes", type=int, nargs="+", default=[256, 1024], help="eval envs, one row each")
-    parser.add_argument("--out", default="final_eval_20m", help="output file name in benchmarks/results/")
+    parser.add_argument("--out", help="the CSV to write (default: a new benchmarks/results/final_eval_<time>.csv)")
     args = parser.parse_args()
 
     import happo_mapush as H
 
     rows = []
-    for name in args.names:
-        root = os.path.join(RESULTS, name)
-        pattern = re.compile(rf"__{re.escape(name)}__(\d+)__\d+$")
+    for item in args.runs:
+        root, name = item.rsplit(":", 1)
+        pattern = re.compile(rf"__{re.escape(name)}__(\d+)__[^_]+$")
         found = (pattern.search(d) for d in glob.glob(os.path.join(root, "runs", "*")))
         seeds = sorted({int(m.group(1)) for m in found if m})
         if not seeds:
@@ -47,7 +50,7 @@ def main() -> None:
                                  env_steps=steps, eval_envs=episodes, success_rate=round(success, 4),
                                  completion_time_s=round(completion, 3)))
                 print(rows[-1], flush=True)
-    path = os.path.join(RESULTS, f"{args.out}.csv")
+    path = args.out or os.path.join(RESULTS, f"final_eval_{time.strftime('%Y%m%d-%H%M%S')}.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -2,7 +2,9 @@
 
 Trains `happo_mapush.py` (default flags unless given after `--`) for each seed, saving a checkpoint every
 `--eval-every` iterations, then evaluates every checkpoint with MAPush's calculator (deterministic actions, each
-env's first episode, failures count as 20 s) on `--eval-episodes` envs. Writes CSV and PNG to benchmarks/results/.
+env's first episode, failures count as 20 s) on `--eval-episodes` envs. Writes the runs, `<name>.csv` and
+`<name>.png` into the output folder: a new benchmarks/results/<name>_<time> unless `--out` names one (then the
+other seeds' rows there are kept and finished runs are only evaluated with `--skip-training`).
 
     python benchmarks/learning_curve.py --seeds 1 2 --parallel 2
     python benchmarks/learning_curve.py --seeds 1 --name quick -- --total-timesteps 2000000
@@ -15,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, checkpoints, evaluate_checkpoint, run_all, run_dir, start_time  # noqa: E402
+from common import checkpoints, evaluate_checkpoint, fresh_folder, run_all, run_dir, start_time  # noqa: E402
 
 
 def main() -> None:
@@ -25,12 +27,15 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 1 when parallel, else all)")
     parser.add_argument("--parallel", type=int, default=1, help="training runs at a time (1 thread each if > 1)")
-    parser.add_argument("--name", default="learning_curve", help="output file prefix in benchmarks/results/")
-    parser.add_argument("--skip-training", action="store_true", help="only evaluate existing runs")
+    parser.add_argument("--name", default="learning_curve", help="the runs' --exp-name and the files' prefix")
+    parser.add_argument("--out", help="output folder (default: a new benchmarks/results/<name>_<time>)")
+    parser.add_argument("--skip-training", action="store_true", help="only evaluate the runs in --out")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for happo_mapush.py")
     args = parser.parse_args()
     flags = [f for f in args.trainer_flags if f != "--"] + ["--save-interval", str(args.eval_every)]
-    run_root = os.path.join(RESULTS, args.name)
+    if args.skip_training and not args.out:
+        parser.error("--skip-training evaluates earlier runs: name their folder with --out")
+    run_root = args.out or fresh_folder(args.name)
     if not args.skip_training:
         wall = run_all([(run_root, args.name, seed, flags) for seed in args.seeds], args.parallel, args.threads)
         print({f"seed {s}": f"{w / 60:.1f} min" for (_, s), w in wall.items()})
@@ -45,8 +50,7 @@ def main() -> None:
             rows.append(dict(seed=seed, iteration=iteration, env_steps=steps, wall_clock_s=round(wall_s, 1),
                              success_rate=success, completion_time_s=round(completion, 3)))
             print(rows[-1], flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    csv_path = os.path.join(RESULTS, f"{args.name}.csv")
+    csv_path = os.path.join(run_root, f"{args.name}.csv")
     if os.path.isfile(csv_path):  # keep the other seeds' rows, so seeds can be run one at a time
         with open(csv_path, newline="") as f:
             kept = [{k: float(v) if k in ("wall_clock_s", "success_rate", "completion_time_s") else int(v)
@@ -56,7 +60,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, os.path.join(RESULTS, f"{args.name}.png"))
+    plot(rows, os.path.join(run_root, f"{args.name}.png"))
     print(f"wrote {csv_path}")
 
 

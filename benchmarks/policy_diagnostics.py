@@ -37,7 +37,7 @@ def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
     checkpoint = H.load_checkpoint(path, "cpu")
     env = H.policy_env(checkpoint["args"], envs, "cpu", seed)  # a decision holds its action for env.k env steps
     actors = H.trained_actors(checkpoint, env)
-    history, means, alive = H.ObsHistory(actors[0].obs_stack, env.reset()), [], torch.ones(envs, dtype=torch.bool)
+    obs, means, alive = env.reset(), [], torch.ones(envs, dtype=torch.bool)
     outcome = {key: torch.zeros(envs, dtype=torch.bool) for key in ("success", "exception", "time_out")}
     first_decision = torch.zeros(envs, dtype=torch.bool)  # first episodes that ended within the first decision
     left_at = torch.zeros(envs)  # box-target distance when the first episode ended
@@ -45,10 +45,9 @@ def checkpoint_report(path: str, envs: int, steps: int, seed: int) -> None:
     print("step | envs in their first episode | agent-box distance (m) | agent separation (m) | box-target (m)")
     for step in range(env.k, steps + 1, env.k):
         with torch.no_grad():
-            mean = H.mean_actions(actors, history.obs)
+            mean = H.mean_actions(actors, obs)
         means.append(mean[alive])
         obs, _, done, info = env.step(mean)
-        history.push(obs, done)
         ended = done & alive
         for key in outcome:
             outcome[key] |= ended & info[key]

@@ -25,6 +25,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import happo_mapush as H  # noqa: E402
+import lifecycle  # noqa: E402
 import mapush_env  # noqa: E402
 from env_throughput import measure  # noqa: E402
 
@@ -77,21 +78,22 @@ def main() -> None:
     mapush_env.VmasPushEnv.scene = timed("critic input (global state)", mapush_env.VmasPushEnv.scene)
     H.Actor.dist = timed("policy inference (rollout)", H.Actor.dist, rollout_only=True)
     H.Critic.forward = timed("critic inference (rollout)", H.Critic.forward, rollout_only=True)
-    H.RunningNorm.update = timed("input statistics update", H.RunningNorm.update)
     from torch.utils.tensorboard import SummaryWriter
 
     SummaryWriter.add_scalar = timed("logging", SummaryWriter.add_scalar)
     SummaryWriter.__init__ = timed("start-up (env, models, log writer)", SummaryWriter.__init__)
-    H.copy = type("copy", (), {"deepcopy": staticmethod(timed("checkpoint snapshot", copy.deepcopy))})
-    H.torch.save = timed("checkpoint snapshot", torch.save)
+    lifecycle.copy = type("copy", (), {"deepcopy": staticmethod(timed("checkpoint snapshot", copy.deepcopy))})
+    torch.save = timed("checkpoint snapshot", torch.save)
 
     os.chdir(tempfile.mkdtemp())
     start = time.perf_counter()
     H.train(args)
     wall = time.perf_counter() - start
-    steps = args.num_iterations * args.batch_size * args.action_repeat
+    per_iteration = args.num_envs * args.num_steps * args.action_repeat
+    iterations = args.total_timesteps // per_iteration
+    steps = iterations * per_iteration
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; num_envs {args.num_envs}, num_steps "
-          f"{args.num_steps}, action_repeat {args.action_repeat}, {args.num_iterations} iterations, "
+          f"{args.num_steps}, action_repeat {args.action_repeat}, {iterations} iterations, "
           f"minibatches {args.actor_num_minibatches}/{args.critic_num_minibatches}")
     print(f"training: {steps / wall:.0f} env-steps/s ({wall:.1f} s for {steps} steps, including start-up)")
     # inference timers also cover the update-phase-free evaluation of final-state values at time-outs

@@ -1,6 +1,7 @@
 """Render a trained policy pushing the box to a GIF, headless (matplotlib's Agg backend, no display).
 
-    python benchmarks/render_gif.py runs/RUN/checkpoint_390.pt --out benchmarks/results/push.gif
+    python benchmarks/render_gif.py runs/RUN/checkpoint_390.pt                # benchmarks/results/push_<time>.gif
+    python benchmarks/render_gif.py runs/RUN/checkpoint_390.pt --out benchmarks/results/push.gif   # the README's
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -42,11 +44,13 @@ def draw(ax, scene, env_id: int, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "push.gif"))
+    parser.add_argument("--out", help="the GIF to write (default: a new benchmarks/results/push_<time>.gif)")
     parser.add_argument("--episodes", type=int, default=3, help="episodes to show, successful ones first")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--frame-skip", type=int, default=5, help="env steps per frame (0.1 s at 5)")
     args = parser.parse_args()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"push_{time.strftime('%Y%m%d-%H%M%S')}.gif")
 
     import matplotlib
 
@@ -59,13 +63,12 @@ def main() -> None:
     actors = H.trained_actors(checkpoint, env)
     stride = max(1, args.frame_skip // env.k)  # decisions per frame; a decision holds its action for k env steps
     # Record all 64 envs' first episodes, then show the first few that succeed (and say how many did).
-    history = H.ObsHistory(actors[0].obs_stack, env.reset())
+    obs = env.reset()
     scenes, finished = [env.scene()], torch.zeros(64, dtype=torch.bool)
     success, length = torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.long)
     with torch.no_grad():
         for decision in range(1, env.episode_steps + 2):
-            obs, _, done, info = env.step(H.mean_actions(actors, history.obs))
-            history.push(obs, done)
+            obs, _, done, info = env.step(H.mean_actions(actors, obs))
             scenes.append(info["final_scene"])
             first = done & ~finished
             success |= first & info["success"]
@@ -84,10 +87,10 @@ def main() -> None:
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", dpi=70)
             frames.append(Image.open(buffer).convert("P", palette=Image.ADAPTIVE))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=int(1000 * DT * env.k * stride),
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=int(1000 * DT * env.k * stride),
                    loop=0)
-    print(f"wrote {args.out}: {len(frames)} frames, episodes {shown}")
+    print(f"wrote {out}: {len(frames)} frames, episodes {shown}")
 
 
 if __name__ == "__main__":
