@@ -13,7 +13,7 @@ import torch
 
 from mapush_env import TWO_PI, Scene
 
-LIN_VEL_SCALE = 2.0  # MQE's normalization.obs_scales.lin_vel
+LIN_VEL_SCALE = 2.0  # MQE's normalization.obs_scales.lin_vel, applied to the global state as MQE applies it to obs
 ANG_VEL_SCALE = 0.25  # MQE's normalization.obs_scales.ang_vel
 
 
@@ -53,26 +53,34 @@ def quat_to_yaw(quat_xyzw: torch.Tensor) -> torch.Tensor:
     return torch.remainder(yaw, TWO_PI)
 
 
-def scene_from_mqe(wrapper: Any) -> Scene:
-    """Extract a Scene from MQE's Go1PushMidWrapper buffers (Isaac Gym backend).
+def quat_rotate_inverse(quat_xyzw: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """World-frame vectors v [..., 3] in the body frame of (x, y, z, w) quaternions (isaacgym.torch_utils'
+    quat_rotate_inverse, which MQE uses for its base velocities)."""
+    q, w = quat_xyzw[..., :3], quat_xyzw[..., 3:]
+    return v * (2.0 * w * w - 1.0) - torch.cross(q, v, dim=-1) * w * 2.0 + q * (q * v).sum(-1, keepdim=True) * 2.0
 
-    `root_states_npc` [E*2, 13] is world frame (box rows, then target rows, per env); `obs_buf.base_pos`,
-    `base_rpy`, `lin_vel`, `ang_vel` are [E*A, 3], positions already env-relative, velocities body frame and
-    pre-multiplied by MQE's observation scales.
+
+def scene_from_mqe(wrapper: Any) -> Scene:
+    """A Scene from MQE's root-state buffers (Isaac Gym backend), all world frame: `root_states_npc` [E*2, 13] (box,
+    then target, per env) and `root_states` [E*A, 13] (the agents, env-major); rows are position, xyzw quaternion,
+    linear and angular velocity.
+
+    The agents come from `root_states`, not from `obs_buf`: on a step with an auto-reset MQE writes the new episode's
+    root states but has filled `base_quat`, `base_lin_vel` and `base_ang_vel` (and so obs_buf's yaw and velocities)
+    before the reset, so obs_buf mixes the new episode's positions with the old episode's yaw and velocities.
     """
     env = getattr(wrapper, "env", wrapper)
-    num_envs = env.num_envs
-    num_agents = env.num_agents
+    num_envs, num_agents = env.num_envs, env.num_agents
     origins_xy = env.env_origins[:, :2]  # [E, 2] world position of each env's origin
     npc = env.root_states_npc.reshape(num_envs, -1, 13)
     # Fix: box and target come in the world frame; subtract env_origins so they share the agents' env-relative frame.
     box_xy = npc[:, 0, 0:2] - origins_xy
     target_xy = npc[:, 1, 0:2] - origins_xy
     box_yaw = quat_to_yaw(npc[:, 0, 3:7])
-    obs_buf = env.obs_buf
-    agent_xy = obs_buf.base_pos.reshape(num_envs, num_agents, 3)[..., 0:2]
-    agent_yaw = torch.remainder(obs_buf.base_rpy.reshape(num_envs, num_agents, 3)[..., 2], TWO_PI)
-    # Fix: include the agents' body-frame velocities; undo MQE's obs scales, build_global_state reapplies them.
-    lin_vel = obs_buf.lin_vel.reshape(num_envs, num_agents, 3)[..., 0:2] / LIN_VEL_SCALE
-    ang_vel = obs_buf.ang_vel.reshape(num_envs, num_agents, 3)[..., 2] / ANG_VEL_SCALE
-    return Scene(box_xy, box_yaw, target_xy, agent_xy, agent_yaw, lin_vel, ang_vel)
+    agents = env.root_states.reshape(num_envs, num_agents, 13)
+    agent_xy = agents[..., 0:2] - origins_xy.unsqueeze(1)
+    quat = agents[..., 3:7]
+    # Fix: include the agents' body-frame velocities (MQE's base_lin_vel / base_ang_vel, unscaled).
+    lin_vel = quat_rotate_inverse(quat, agents[..., 7:10])[..., 0:2]
+    ang_vel = quat_rotate_inverse(quat, agents[..., 10:13])[..., 2]
+    return Scene(box_xy, box_yaw, target_xy, agent_xy, quat_to_yaw(quat), lin_vel, ang_vel)

@@ -358,7 +358,8 @@ def rollout(args: Args, env, m: Models, buf: Dict[str, torch.Tensor], live: dict
         live["ep_length"] += info["env_steps"]
         ended = (live["ep_return"] * done, live["ep_length"] * done, done & info["success"], done & info["exception"],
                  done & info["time_out"], done)
-        for key, value in zip(stats, ended + (bad_obs, bad_reward, bad_state, info["nonfinite_obs"])):  # in order
+        bad_env = info["nonfinite_obs"].sum() + info.get("nonfinite_reward", bad_obs.new_zeros(())).sum()
+        for key, value in zip(stats, ended + (bad_obs, bad_reward, bad_state, bad_env)):  # in order
             stats[key] += value.sum()
         live["ep_return"], live["ep_length"] = live["ep_return"] * ~done, live["ep_length"] * ~done
         for name, value in info["reward_terms"].items():

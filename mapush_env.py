@@ -138,7 +138,9 @@ class ActionRepeat:
                     *(_pick(live, new, old) for new, old in zip(step_info["final_scene"], info["final_scene"])))
             info["reward_terms"] = {name: value + step_info["reward_terms"][name]
                                     for name, value in info["reward_terms"].items()}
-            info["nonfinite_obs"] = info["nonfinite_obs"] + step_info["nonfinite_obs"]
+            for key in ("nonfinite_obs", "nonfinite_reward"):
+                if key in info:
+                    info[key] = info[key] + step_info[key]
         info["env_steps"] = env_steps
         return obs, reward, done, info
 

@@ -25,59 +25,85 @@ MQE_REWARD_TERMS = {"distance_to_target_reward": "distance_to_target", "approach
                     "collision_punishment": "collision", "push_reward": "push", "ocb_reward": "ocb",
                     "reach_target_reward": "reach_target", "exception_punishment": "exception"}
 MQE_NOT_REWARD_SUMS = ("step_count", "gating_factor")  # a step counter and (fork) a sum of per-step means
-# Attributes only the fork's wrapper has (alexei-erm/heterogeneous-MAPush, spec 5.9); that wrapper also sums the
-# per-agent rewards and gives every agent the team sum (spec 5.8).
-FORK_WRAPPER_ATTRIBUTES = ("individualized_rewards", "shared_gated_rewards")
+# The fork's summing wrapper (alexei-erm/heterogeneous-MAPush from commit 76756d4 on) gives every agent the team sum
+# and has this attribute; its older commits (individualized_rewards only) and upstream return per-agent rewards.
+FORK_TEAM_SUM_ATTRIBUTE = "shared_gated_rewards"
+
+
+def cuda_device(device) -> torch.device:
+    """The device the backend runs on. MQE's wrapper makes some tensors on "cuda", the current GPU: anything else is a
+    one-line error, and a `cuda:N` becomes the current device before MQE is built."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"the isaacgym backend runs on CUDA only (MQE's Go1PushMidWrapper creates its tensors on \"cuda\"), got "
+            f"device {device}{'' if torch.cuda.is_available() else ' and a torch without CUDA'}: drop --no-cuda, "
+            f"install a CUDA build of torch, or use --env-backend vmas")
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
 
 
 class IsaacGymPushEnv:
-    """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with the contract of DESIGN.md.
+    """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with the contract of `mapush_env`.
 
     - Team reward: the contract's rewards are per agent and the trainer forms the team reward, so it must not get a
       reward that is already a team sum. Upstream MAPush's wrapper returns per-agent rewards (passed through); the
-      fork's wrapper returns the team sum to every agent, so the adapter returns equal shares, sum / num_agents, and
-      the trainer's `--team-reward sum` gives back the team sum (exactly for 2 agents). `wrapper_team_reward=None`
-      detects the fork by its fork-only attributes `individualized_rewards` / `shared_gated_rewards`; pass True or
-      False for a wrapper that sums without them or has them without summing.
-    - Working directory: MQE loads its assets, locomotion policy and actuator net by paths relative to the MAPush
-      root, all during construction. Given `mapush_root` (default: $MAPUSH_ROOT), the adapter imports MQE and builds
-      the env there, then returns to the caller's directory (so `runs/` lands where the user started); without it
-      the process must already run from the MAPush root.
+      fork's summing wrapper returns the team sum to every agent, so the adapter returns equal shares, sum / A, and
+      the trainer's `--team-reward sum` gives back the team sum. `wrapper_team_reward=None` detects the summing
+      wrapper by its `shared_gated_rewards` attribute and checks the first step's rewards against that (a team sum
+      is the same for every agent in every env); pass True or False to override. The choice is printed.
+    - Non-finite rewards: MQE zeroes a non-finite observation but its distance reward reads the raw box state, so a
+      PhysX blow-up makes that env's rewards NaN, and MQE never resets it (its `value_exception_buf` is never set).
+      The adapter zeroes such rewards (info["nonfinite_reward"] counts the entries) and sets the env's
+      `value_exception_buf`, so MQE resets it on the next step; that step ends the episode as an exception, with
+      MQE's exception punishment for every agent.
+    - Scene: from MQE's root states, which hold the new episode after an auto-reset (`global_state.scene_from_mqe`).
+      The agents' own observations keep MQE's quirk: on a reset step they mix the new positions with the old yaw.
+    - Working directory: MQE loads its locomotion policy and actuator net by cwd-relative paths (go1_config.py) and
+      its helpers put cwd-relative folders on sys.path when imported. Given `mapush_root` (default: $MAPUSH_ROOT),
+      the adapter imports MQE and builds the env there, then returns to the caller's directory (so `runs/` lands
+      where the user started); without it the process must run from the MAPush root.
     - No final observation (MQE has none): time-outs are terminal for the trainer. No state_dict: resuming a run
       restarts the simulator's episodes.
     - info["reward_terms"]: MQE keeps only running sums over all envs (`reward_buffer`). The adapter reads and zeroes
       them every step, so each term's sum over envs is this step's exact sum; each env's entry holds that sum / E
-      (MQE keeps no per-env values). info["nonfinite_obs"]: 1 for an env whose observation MQE found NaN/Inf and
-      zeroed (its `value_exception_buf`), else 0.
+      (MQE keeps no per-env values). info["nonfinite_obs"]: 1 for an env whose observation MQE zeroed, else 0.
     """
 
     def __init__(self, num_envs: int, device="cuda:0", seed: int = 0, mapush_root: Optional[str] = None,
                  wrapper_team_reward: Optional[bool] = None):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         root = mapush_root if mapush_root is not None else os.environ.get("MAPUSH_ROOT")
         cwd = os.getcwd()
         if root:
             os.chdir(root)
         try:  # import inside the MAPush root too: MQE's helpers put cwd-relative folders on sys.path at import
-            self.wrapper = self._make_wrapper(num_envs, seed)
+            self.wrapper = self._make_wrapper(num_envs, seed, device)
         finally:
             os.chdir(cwd)
         self.base_env = getattr(self.wrapper, "env", self.wrapper)  # MQE's Go1Object: flags and state buffers
         self.num_envs, self.num_agents = int(self.base_env.num_envs), int(self.base_env.num_agents)
         self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
-        if wrapper_team_reward is None:
-            wrapper_team_reward = any(hasattr(self.wrapper, name) for name in FORK_WRAPPER_ATTRIBUTES)
-        self.wrapper_team_reward = bool(wrapper_team_reward)
+        self.detected = wrapper_team_reward is None
+        self.wrapper_team_reward = (hasattr(self.wrapper, FORK_TEAM_SUM_ATTRIBUTE) if self.detected
+                                    else bool(wrapper_team_reward))
+        how = f"{'detected' if self.detected else 'set'}: {FORK_TEAM_SUM_ATTRIBUTE} is " + (
+            "there" if hasattr(self.wrapper, FORK_TEAM_SUM_ATTRIBUTE) else "absent")
+        mode = (f"the team sum to every agent; each agent gets sum / {self.num_agents}" if self.wrapper_team_reward
+                else "per-agent rewards, passed through")
+        print(f"isaacgym: the wrapper returns {mode} ({how})", flush=True)
+        self.exception_scale = float(getattr(self.wrapper, "exception_punishment_scale", -5.0))
+        self.poisoned = torch.zeros_like(self.base_env.value_exception_buf)  # MQE resets these on the next step
+        self.first_step = True
 
-    def _make_wrapper(self, num_envs: int, seed: int):
+    def _make_wrapper(self, num_envs: int, seed: int, device):
         try:
             import isaacgym  # noqa: F401  (a real process must import it before torch: happo_mapush.py does)
             from isaacgym import gymapi
             from mqe.envs.utils import custom_cfg, make_mqe_env
         except ImportError as err:
             raise BackendUnavailable(ISAACGYM_HELP.format(err=err)) from None
+        self.device = cuda_device(device)
         on_gpu = self.device.type == "cuda"
         # The fields MQE's make_env reads, set as HARL's MAPushEnv sets them (spec 9.1).
         args = argparse.Namespace(
@@ -104,19 +130,44 @@ class IsaacGymPushEnv:
     def step(self, actions: torch.Tensor):
         check_actions(self, actions)
         obs, reward, done, _ = self.wrapper.step(actions)  # MQE clips to [-1, 1] and scales by 0.5 itself
-        reward = reward.float()
+        reward, done = reward.float(), done.to(torch.bool, copy=True)
+        if self.first_step:
+            self._check_team_sum(reward)
         if self.wrapper_team_reward:
             reward = reward / self.num_agents  # equal shares of the wrapper's team sum: the trainer must not sum twice
-        nonfinite = getattr(self.wrapper, "value_exception_buf", None)
-        info = {  # this step's flags, set before MQE's auto-reset (spec 6.3); copied, MQE reuses its buffers
+        finite = torch.isfinite(reward)
+        nonfinite_reward = (~finite).sum(1)
+        broken = nonfinite_reward > 0
+        # An env whose rewards went non-finite ends as an exception: now if MQE resets it anyway, else on the next
+        # step, when MQE's reset_buf picks up the value_exception_buf set here (MQE never clears it: the adapter does).
+        ended = done & (self.poisoned | broken)
+        reward = torch.where(ended.unsqueeze(1), torch.full_like(reward, self.exception_scale),
+                             torch.where(finite, reward, torch.zeros_like(reward)))
+        self.base_env.value_exception_buf[ended] = False
+        self.poisoned = (self.poisoned | broken) & ~done
+        self.base_env.value_exception_buf[self.poisoned] = True
+        flagged = getattr(self.wrapper, "value_exception_buf", None)
+        info = {  # this step's flags, set before MQE's auto-reset; copied, MQE reuses its buffers
             "success": self.base_env.finished_buf.to(torch.bool, copy=True),
             "time_out": self.base_env.time_out_buf.to(torch.bool, copy=True),
-            "exception": self.base_env.exception_buf.to(torch.bool, copy=True),
+            "exception": self.base_env.exception_buf.to(torch.bool, copy=True) | ended,
             "reward_terms": self._reward_terms(),
-            "nonfinite_obs": (torch.zeros(self.num_envs, dtype=torch.long, device=self.device) if nonfinite is None
-                              else nonfinite.long()),
+            "nonfinite_obs": (torch.zeros(self.num_envs, dtype=torch.long, device=self.device) if flagged is None
+                              else flagged.long()),
+            "nonfinite_reward": nonfinite_reward,
         }
-        return obs.float(), reward, done.to(torch.bool, copy=True), info
+        return obs.float(), reward, done, info
+
+    def _check_team_sum(self, reward: torch.Tensor) -> None:
+        """A detected reward mode must match the first step: a team sum is the same for every agent in every env."""
+        self.first_step = False
+        finite = torch.isfinite(reward).all(1)
+        same = bool((reward[finite] == reward[finite][:, :1]).all()) and bool(finite.any())
+        if self.detected and same != self.wrapper_team_reward:
+            raise BackendUnavailable(
+                f"the wrapper's first rewards are {'the same' if same else 'different'} for every agent, but its "
+                f"attributes say {'a team sum' if self.wrapper_team_reward else 'per-agent rewards'}; pass "
+                f"wrapper_team_reward={same} to make_env if that is right")
 
     def _reward_terms(self) -> Dict[str, torch.Tensor]:
         buffer = getattr(self.wrapper, "reward_buffer", None)
@@ -126,6 +177,7 @@ class IsaacGymPushEnv:
         # MQE keeps tensors or floats there; stacking on the device avoids a host round trip per term and step
         sums = torch.stack([torch.as_tensor(buffer[name], dtype=torch.float32, device=self.device).reshape(())
                             for name in names]) if names else torch.zeros(0, device=self.device)
+        sums = torch.where(torch.isfinite(sums), sums, torch.zeros_like(sums))  # a NaN env poisons MQE's sums
         for name in names:
             buffer[name] = 0  # MQE only ever adds to it; only OpenRL's logger reads it, and that resets it too
         shares = (sums / self.num_envs).unsqueeze(1).expand(-1, self.num_envs)

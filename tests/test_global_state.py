@@ -59,28 +59,45 @@ def test_quat_to_yaw_range():
     assert torch.allclose(quat_to_yaw(yaw_quat(yaws)), torch.remainder(yaws, 2 * math.pi), atol=1e-6)
 
 
+def tilted_quat(yaw, roll=0.01, pitch=0.02):
+    """xyzw quaternions of roll, pitch, yaw [N] (the agents lean a little, as real ones do)."""
+    cr, sr = math.cos(roll / 2), math.sin(roll / 2)
+    cp, sp = math.cos(pitch / 2), math.sin(pitch / 2)
+    cy, sy = torch.cos(yaw / 2), torch.sin(yaw / 2)
+    return torch.stack([sr * cp * cy - cr * sp * sy, cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy,
+                        cr * cp * cy + sr * sp * sy], dim=-1)
+
+
+def rotate_by(quat, v):
+    """v [N, 3] rotated from the body frame into the world frame by the rotation matrix of quat [N, 4]."""
+    x, y, z, w = quat.unbind(-1)
+    matrix = torch.stack([
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], -2)
+    return (matrix @ v.unsqueeze(-1)).squeeze(-1)
+
+
 def fake_mqe_wrapper(origins, target_yaw=0.0):
-    """MQE's buffers for the hand scene in 3 envs: world-frame NPC root states, env-relative agent observations."""
+    """MQE's root-state buffers for the hand scene in E envs, world frame: NPC rows (box, target) and agent rows."""
     s = hand_scene()
     E, A = origins.shape[0], 2
-    box_world = s.box_xy.expand(E, 2) + origins[:, :2]
-    target_world = s.target_xy.expand(E, 2) + origins[:, :2]
     npc = torch.zeros(E, 2, 13)
-    npc[:, 0, 0:2], npc[:, 0, 2] = box_world, 0.25
+    npc[:, 0, 0:2], npc[:, 0, 2] = s.box_xy.expand(E, 2) + origins[:, :2], 0.25
     npc[:, 0, 3:7] = yaw_quat(s.box_yaw.expand(E))
-    npc[:, 1, 0:2], npc[:, 1, 2] = target_world, 0.1
+    npc[:, 1, 0:2], npc[:, 1, 2] = s.target_xy.expand(E, 2) + origins[:, :2], 0.1
     npc[:, 1, 3:7] = yaw_quat(torch.full((E,), target_yaw))
-    base_pos = torch.cat([s.agent_xy, torch.full((1, A, 1), 0.3)], -1).expand(E, A, 3)
-    base_rpy = torch.zeros(E, A, 3)
-    base_rpy[..., 2] = s.agent_yaw
-    lin_vel = torch.zeros(E, A, 3)
-    lin_vel[..., :2] = s.agent_lin_vel * 2.0
-    ang_vel = torch.zeros(E, A, 3)
-    ang_vel[..., 2] = s.agent_ang_vel * 0.25
-    obs_buf = SimpleNamespace(base_pos=base_pos.reshape(E * A, 3), base_rpy=base_rpy.reshape(E * A, 3),
-                              lin_vel=lin_vel.reshape(E * A, 3), ang_vel=ang_vel.reshape(E * A, 3))
+    agents = torch.zeros(E, A, 13)
+    agents[..., 0:2] = s.agent_xy.expand(E, A, 2) + origins[:, None, :2]
+    agents[..., 2] = 0.3
+    quat = tilted_quat(s.agent_yaw.expand(E, A).reshape(-1))
+    agents[..., 3:7] = quat.reshape(E, A, 4)
+    body_lin = torch.cat([s.agent_lin_vel, torch.full((1, A, 1), 0.05)], -1).expand(E, A, 3).reshape(-1, 3)
+    body_ang = torch.cat([torch.full((1, A, 2), 0.03), s.agent_ang_vel.unsqueeze(-1)], -1).expand(E, A, 3)
+    agents[..., 7:10] = rotate_by(quat, body_lin).reshape(E, A, 3)
+    agents[..., 10:13] = rotate_by(quat, body_ang.reshape(-1, 3)).reshape(E, A, 3)
     env = SimpleNamespace(num_envs=E, num_agents=A, env_origins=origins, root_states_npc=npc.reshape(E * 2, 13),
-                          obs_buf=obs_buf)
+                          root_states=agents.reshape(E * A, 13))
     return SimpleNamespace(env=env)
 
 
@@ -101,6 +118,9 @@ def test_target_yaw_is_not_in_the_state():
 
 def test_mqe_velocities_are_body_frame_with_obs_scales():
     scene = scene_from_mqe(fake_mqe_wrapper(torch.zeros(1, 3)))
-    assert torch.allclose(scene.agent_lin_vel, hand_scene().agent_lin_vel)
-    assert torch.allclose(scene.agent_ang_vel, hand_scene().agent_ang_vel)
+    assert torch.allclose(scene.agent_lin_vel, hand_scene().agent_lin_vel, atol=1e-6)
+    assert torch.allclose(scene.agent_ang_vel, hand_scene().agent_ang_vel, atol=1e-6)
+    assert torch.allclose(scene.agent_yaw, hand_scene().agent_yaw, atol=1e-6)
+    state, _ = build_global_state(scene)  # the state carries MQE's observation scales
+    torch.testing.assert_close(state[0, 8:11], torch.tensor([0.6, -0.2, 0.1]), atol=1e-6, rtol=0)
     assert scene.box_yaw.item() == pytest.approx(1.0, abs=1e-6)

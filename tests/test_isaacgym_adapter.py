@@ -1,11 +1,15 @@
-"""The isaacgym backend against a fake of MQE (Isaac Gym cannot run here).
+"""The isaacgym backend against a fake of MQE (Isaac Gym cannot run here), written from MQE's source.
 
-The fake has MQE's attribute names, shapes and frames (spec sections 3, 4, 6, 8 of `mapush_go1push_mid.md`):
-`root_states_npc` [E*2, 13] in the world frame (box row, then target row, per env; quaternions xyzw), per-env
-different `env_origins`, `obs_buf.base_pos` env-relative, `obs_buf.lin_vel` x2.0 and `ang_vel` x0.25 (body frame),
-this step's `finished_buf` / `time_out_buf` / `exception_buf`, auto-reset inside `step`, and the wrapper's
-`reward_buffer` of sums over envs. Its episodes are scripted: in env 0 the box reaches the target on step 3, in env 1
-the episode times out on step 5, in env 2 the agents collide on step 2 (envs 3, 4, ... repeat 0, 1, 2).
+The fake has MQE's attribute names, shapes and frames: `root_states_npc` [E*2, 13] and `root_states` [E*A, 13] in
+the world frame (position, xyzw quaternion, world-frame velocities), per-env different `env_origins`,
+`obs_buf.base_pos` env-relative, `obs_buf.lin_vel` x2.0 and `ang_vel` x0.25 (body frame), this step's
+`finished_buf` / `time_out_buf` / `exception_buf`, auto-reset inside `step` that ORs MQE's own (never set)
+`value_exception_buf` into the reset, and the wrapper's `reward_buffer` of sums over envs. Where MQE is odd, the fake
+is too: on a reset step `base_pos` and the root states hold the new episode while `base_rpy` and the velocities in
+obs_buf still hold the old one (legged_robot.py fills them before the reset); the wrapper makes a tensor on "cuda"
+(WRAPPER_DEVICE; the fixture sets "cpu" explicitly); its distance reward reads the raw box state, so a NaN box gives
+NaN rewards. Its episodes are scripted: in env 0 the box reaches the target on step 3, in env 1 the episode times
+out on step 5, in env 2 the agents collide on step 2 (envs 3, 4, ... repeat 0, 1, 2).
 """
 import importlib.util
 import math
@@ -20,6 +24,7 @@ import pytest
 import torch
 
 import happo_mapush as H
+import mapush_isaacgym
 from global_state import build_global_state
 from mapush_env import EPISODE_STEPS, BackendUnavailable, make_env, observations
 from mapush_isaacgym import IsaacGymPushEnv
@@ -34,6 +39,23 @@ AGENT_DRIFT = (((0.1, 0.0), (0.1, 0.0)), ((0.1, 0.0), (0.1, 0.0)), ((0.0, -0.1),
 AGENT_YAW = ((0.5, 2.0), (3.0, 5.5), (1.0, 6.0))
 AGENT_Z, BOX_Z, TARGET_Z = 0.3, 0.25, 0.1
 TERMS = {"distance_to_target", "approach", "collision", "push", "ocb", "reach_target", "exception"}
+ROLL, PITCH = 0.01, 0.02  # the agents' small body tilt
+WRAPPER_DEVICE = ["cuda"]  # MQE's Go1PushMidWrapper: torch.tensor(..., device="cuda") in its __init__
+REAL_CUDA_DEVICE = mapush_isaacgym.cuda_device
+
+
+def quat_from_rpy(roll, pitch, yaw):
+    cr, sr, cp, sp, cy, sy = (f(0.5 * a) for a in (roll, pitch, yaw) for f in (math.cos, math.sin))
+    return [sr * cp * cy - cr * sp * sy, cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy,
+            cr * cp * cy + sr * sp * sy]
+
+
+def quat_rotate(q, v):
+    """v rotated by the xyzw quaternion q (plain floats), as isaacgym.torch_utils.quat_rotate."""
+    x, y, z, w = q
+    t = [2 * (y * v[2] - z * v[1]), 2 * (z * v[0] - x * v[2]), 2 * (x * v[1] - y * v[0])]
+    return [v[0] + w * t[0] + y * t[2] - z * t[1], v[1] + w * t[1] + z * t[0] - x * t[2],
+            v[2] + w * t[2] + x * t[1] - y * t[0]]
 
 
 def state(e, k):
@@ -42,9 +64,9 @@ def state(e, k):
     agents = [(x + k * dx, y + k * dy) for (x, y), (dx, dy) in zip(AGENT_START[e], AGENT_DRIFT[e])]
     return SimpleNamespace(
         box=(12.0 + 0.1 * k, 0.0), box_yaw=BOX_YAW[e], box_vel=(5.0 if k > 0 else 0.0, 0.0), target=TARGET_XY[e],
-        agents=agents, yaw=AGENT_YAW[e],
-        vel=[(0.2 + 0.1 * e, -0.1 * i) for i in range(2)],  # body frame, m/s
-        yaw_rate=[0.3 - 0.2 * i for i in range(2)])
+        agents=agents, yaw=tuple(yaw + 0.1 * k for yaw in AGENT_YAW[e]),  # turning and speeding up with k
+        vel=[(0.2 + 0.1 * e + 0.05 * k, -0.1 * i) for i in range(2)],  # body frame, m/s
+        yaw_rate=[0.3 - 0.2 * i + 0.02 * k for i in range(2)])
 
 
 class FakeGo1Object:
@@ -56,14 +78,17 @@ class FakeGo1Object:
             [[100.0 * (e // 3), 0.0, 0.0] for e in range(num_envs)])
         self.episode_length_buf = torch.zeros(num_envs, dtype=torch.long)
         self.root_states_npc = torch.zeros(num_envs * 2, 13)
-        self.obs_buf = SimpleNamespace()
-        self.value_exception_buf = torch.zeros(num_envs, dtype=torch.bool)  # the env's own one stays False
+        self.root_states = torch.zeros(num_envs * 2, 13)  # the agents, env-major
+        self.obs_buf = SimpleNamespace(base_pos=torch.zeros(num_envs * 2, 3), base_rpy=torch.zeros(num_envs * 2, 3),
+                                       lin_vel=torch.zeros(num_envs * 2, 3), ang_vel=torch.zeros(num_envs * 2, 3))
+        self.value_exception_buf = torch.zeros(num_envs, dtype=torch.bool)  # MQE sets it nowhere; ORed into resets
         self.received = []  # actions as Go1.step receives them, [E*A, 3]
-        self.poison_env = None  # an env whose box position becomes NaN
+        self.poison_env = None  # an env whose box position is NaN until it is reset
         self._write_state()
 
-    def _write_state(self):
-        base_pos, base_rpy, lin_vel, ang_vel = [], [], [], []
+    def _write_state(self, roots_only=False):
+        """The state of every env at its episode step; with roots_only, what MQE's reset rewrites: the root states
+        and obs_buf.base_pos (a view of them), not the yaw and velocities obs_buf got before the reset."""
         for e in range(self.num_envs):
             s, origin = state(e, int(self.episode_length_buf[e])), self.env_origins[e].tolist()
             half = 0.5 * s.box_yaw
@@ -75,12 +100,15 @@ class FakeGo1Object:
             if e == self.poison_env:
                 self.root_states_npc[2 * e, 0] = float("nan")
             for i in range(2):
-                base_pos.append([s.agents[i][0], s.agents[i][1], AGENT_Z])
-                base_rpy.append([0.01, 0.02, s.yaw[i]])
-                lin_vel.append([2.0 * s.vel[i][0], 2.0 * s.vel[i][1], 2.0 * 0.05])
-                ang_vel.append([0.25 * 0.01, 0.25 * 0.02, 0.25 * s.yaw_rate[i]])
-        self.obs_buf.base_pos, self.obs_buf.base_rpy = torch.tensor(base_pos), torch.tensor(base_rpy)
-        self.obs_buf.lin_vel, self.obs_buf.ang_vel = torch.tensor(lin_vel), torch.tensor(ang_vel)
+                q = quat_from_rpy(ROLL, PITCH, s.yaw[i])
+                lin, ang = [s.vel[i][0], s.vel[i][1], 0.05], [0.01, 0.02, s.yaw_rate[i]]  # body frame
+                pos = [s.agents[i][0] + origin[0], s.agents[i][1] + origin[1], AGENT_Z + origin[2]]
+                self.root_states[2 * e + i] = torch.tensor(pos + q + quat_rotate(q, lin) + quat_rotate(q, ang))
+                self.obs_buf.base_pos[2 * e + i] = torch.tensor([s.agents[i][0], s.agents[i][1], AGENT_Z])
+                if not roots_only:
+                    self.obs_buf.base_rpy[2 * e + i] = torch.tensor([ROLL, PITCH, s.yaw[i]])
+                    self.obs_buf.lin_vel[2 * e + i] = 2.0 * torch.tensor(lin)
+                    self.obs_buf.ang_vel[2 * e + i] = 0.25 * torch.tensor(ang)
 
     def reset(self):
         self.episode_length_buf.zero_()
@@ -96,9 +124,11 @@ class FakeGo1Object:
         pos = self.obs_buf.base_pos.reshape(self.num_envs, 2, 3)
         self.exception_buf = torch.linalg.vector_norm(pos[:, 0] - pos[:, 1], dim=-1) < 0.25
         self.time_out_buf = self.episode_length_buf > MAX_LEN
-        self.reset_buf = self.finished_buf | self.exception_buf | self.time_out_buf
-        self.episode_length_buf[self.reset_buf] = 0  # auto-reset: positions seen after step are the new episode's
-        self._write_state()
+        self.reset_buf = self.finished_buf | self.exception_buf | self.time_out_buf | self.value_exception_buf
+        self.episode_length_buf[self.reset_buf] = 0  # auto-reset: a new episode, a fresh (finite) box
+        if self.poison_env is not None and bool(self.reset_buf[self.poison_env]):
+            self.poison_env = None
+        self._write_state(roots_only=True)
         return self.obs_buf, torch.zeros(self.num_envs * 2), self.reset_buf, {}
 
 
@@ -107,6 +137,7 @@ class FakeUpstreamWrapper:
 
     def __init__(self, env):
         self.env = env
+        self.action_scale = torch.tensor([[[0.5, 0.5, 0.5]]], device=WRAPPER_DEVICE[0])  # MQE hard-codes "cuda"
         self.reward_buffer = {"distance_to_target_reward": 0, "exception_punishment": 0, "approach_to_box_reward": 0,
                               "collision_punishment": 0, "reach_target_reward": 0, "push_reward": 0, "ocb_reward": 0,
                               "step_count": 0}
@@ -145,6 +176,7 @@ class FakeUpstreamWrapper:
         npc = env.root_states_npc.reshape(env.num_envs, 2, 13)
         box_state, target_state = npc[:, 0], npc[:, 1]
         box_pos = box_state[:, :3] - env.env_origins
+        box_pos[~torch.isfinite(box_pos)] = 0  # MQE zeroes NaN in these copies, not in box_state
         base_pos = env.obs_buf.base_pos.reshape(env.num_envs, 2, 3)
         reward = torch.zeros(env.num_envs, 2)
         buf["step_count"] += 1
@@ -173,8 +205,16 @@ class FakeUpstreamWrapper:
         return reward
 
 
+class FakeOldForkWrapper(FakeUpstreamWrapper):
+    """The fork before commit 76756d4 (71930fc .. 91427a2): `individualized_rewards`, per-agent rewards."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.individualized_rewards = False
+
+
 class FakeForkWrapper(FakeUpstreamWrapper):
-    """The fork's wrapper: fork-only attributes and extra buffer keys; every agent gets the team sum."""
+    """The fork's current wrapper: fork-only attributes and extra buffer keys; every agent gets the team sum."""
 
     def __init__(self, env):
         super().__init__(env)
@@ -216,6 +256,10 @@ def fake_mqe(monkeypatch):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delenv("MAPUSH_ROOT", raising=False)
+    # On this CPU machine: the wrapper's "cuda" tensor and the adapter's CUDA-only check are set aside, explicitly
+    # (test_cpu_device_is_refused_in_one_line_naming_cuda tests the check itself).
+    monkeypatch.setattr(sys.modules[__name__], "WRAPPER_DEVICE", ["cpu"])
+    monkeypatch.setattr(mapush_isaacgym, "cuda_device", torch.device)
     return handle
 
 
@@ -310,10 +354,12 @@ def test_step_shapes_dtypes_and_raw_actions(fake_mqe):
     assert obs.shape == (3, 2, 8) and obs.dtype == torch.float32
     assert reward.shape == (3, 2) and reward.dtype == torch.float32
     assert done.shape == (3,) and done.dtype == torch.bool
-    assert set(info) == {"success", "time_out", "exception", "reward_terms", "nonfinite_obs"}  # no final_obs/scene
+    assert set(info) == {"success", "time_out", "exception", "reward_terms", "nonfinite_obs",
+                         "nonfinite_reward"}  # no final_obs/scene
     for key in ("success", "time_out", "exception"):
         assert info[key].shape == (3,) and info[key].dtype == torch.bool
     assert torch.equal(info["nonfinite_obs"], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(info["nonfinite_reward"], torch.zeros(3, dtype=torch.long))
     # The adapter hands MQE the raw policy actions; MQE's wrapper clips and scales them itself.
     assert torch.equal(env.wrapper.last_raw_action, actions)
     sent = env.wrapper.env.received[-1].reshape(3, 2, 3)
@@ -543,3 +589,116 @@ def test_trainer_without_isaacgym_exits_with_the_message(tmp_path):
     for needle in ("Python 3.8", "MAPush", "--env-backend vmas"):
         assert needle in result.stderr
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_scene_on_a_reset_step_is_the_new_episodes_root_state(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    env.step(zero_actions())
+    _, _, done, _ = env.step(zero_actions())  # step 2: env 2's agents collide, MQE resets it
+    assert done.tolist() == [False, False, True]
+    stale_yaw = env.base_env.obs_buf.base_rpy.reshape(3, 2, 3)[2, :, 2]
+    new = state(2, 0)
+    torch.testing.assert_close(stale_yaw, torch.tensor(state(2, 2).yaw))  # MQE's obs_buf: the old episode's yaw
+    scene = env.scene()
+    torch.testing.assert_close(scene.agent_yaw[2], torch.tensor(new.yaw), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scene.agent_lin_vel[2], torch.tensor(new.vel), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scene.agent_ang_vel[2], torch.tensor(new.yaw_rate), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scene.agent_xy[2], torch.tensor(new.agents), atol=1e-5, rtol=0)
+
+
+def test_a_nonfinite_box_state_ends_that_episode_as_an_exception(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    env.step(zero_actions())
+    env.base_env.poison_env = 1  # a PhysX blow-up: env 1's box position turns NaN
+    _, reward, done, info = env.step(zero_actions())  # step 2
+    assert bool(torch.isfinite(reward).all()) and torch.equal(reward[1], torch.zeros(2))
+    assert info["nonfinite_reward"].tolist() == [0, 2, 0] and info["nonfinite_obs"].tolist() == [0, 1, 0]
+    assert not done[1] and env.base_env.value_exception_buf.tolist() == [False, True, False]
+    _, reward, done, info = env.step(zero_actions())  # step 3: MQE's own reset path picks it up
+    assert done.tolist() == [True, True, False] and info["exception"].tolist() == [False, True, False]
+    assert torch.equal(reward[1], torch.full((2,), -5.0)) and bool(torch.isfinite(reward).all())
+    assert not env.base_env.value_exception_buf.any()  # cleared once the reset happened
+    torch.testing.assert_close(env.scene().box_xy[1], torch.tensor(state(1, 0).box))
+    _, reward, done, info = env.step(zero_actions())
+    assert bool(torch.isfinite(reward).all()) and info["nonfinite_reward"].sum() == 0 and not done[1]
+
+
+def test_training_goes_on_through_nonfinite_box_states(fake_mqe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real_step, steps = FakeGo1Object.step, []
+
+    def blowing_up(self, actions):
+        steps.append(1)
+        if len(steps) in (3, 11, 20):
+            self.poison_env = len(steps) % 3
+        return real_step(self, actions)
+
+    monkeypatch.setattr(FakeGo1Object, "step", blowing_up)
+    args = H.check_args(H.Args(env_backend="isaacgym", num_envs=3, num_steps=8, action_repeat=1,
+                               total_timesteps=4 * 3 * 8, actor_num_minibatches=2, critic_num_minibatches=2,
+                               random_episode_start=False, hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False))
+    path = H.train(args)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["iteration"] == 4 and all(torch.isfinite(t).all() for t in checkpoint["critic"].values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.dirname(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert sum(logged["diagnostics/nonfinite_env"]) >= 3 * (2 + 1)  # 2 rewards and 1 observation per blow-up
+    assert logged["diagnostics/nonfinite_reward"] == [0.0] * 4  # the adapter already zeroed them
+    assert all(math.isfinite(v) for values in logged.values() for v in values)
+
+
+def test_cpu_device_is_refused_in_one_line_naming_cuda(fake_mqe, monkeypatch, capsys):
+    monkeypatch.setattr(mapush_isaacgym, "cuda_device", REAL_CUDA_DEVICE)  # the check itself, not bypassed
+    with pytest.raises(BackendUnavailable) as err:
+        make_env("isaacgym", num_envs=3, device="cpu")
+    message = str(err.value)
+    assert "CUDA only" in message and "got device cpu" in message and "\n" not in message
+    assert fake_mqe.calls == []  # refused before MQE was built
+    monkeypatch.setattr(sys, "argv", ["happo_mapush.py", "--env-backend", "isaacgym", "--no-cuda", "--num-envs", "3",
+                                      "--num-steps", "8", "--actor-num-minibatches", "1",
+                                      "--critic-num-minibatches", "1"])
+    assert H.main() == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: the isaacgym backend runs on CUDA only") and stderr.count("\n") == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="a torch without CUDA"):
+            REAL_CUDA_DEVICE("cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CPU-only torch MQE's own failure is an assertion")
+def test_without_the_check_the_wrapper_fails_on_cpu(fake_mqe, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "WRAPPER_DEVICE", ["cuda"])  # MQE as it is
+    with pytest.raises((AssertionError, RuntimeError)):
+        make_env("isaacgym", num_envs=3, device="cpu")
+
+
+def test_older_fork_per_agent_rewards_are_not_halved(fake_mqe, capsys):
+    fake_mqe.wrapper_class = FakeOldForkWrapper
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    assert env.wrapper_team_reward is False and "per-agent rewards, passed through" in capsys.readouterr().out
+    env.reset()
+    _, reward, _, _ = env.step(zero_actions())
+    torch.testing.assert_close(reward, per_agent_rewards_step1())
+    fake_mqe.wrapper_class = FakeForkWrapper
+    make_env("isaacgym", num_envs=3, device="cpu")
+    assert "the team sum to every agent; each agent gets sum / 2" in capsys.readouterr().out
+
+
+def test_a_detected_reward_mode_that_the_first_step_contradicts_is_an_error(fake_mqe):
+    class SumsWithoutTheAttribute(FakeUpstreamWrapper):
+        def _rewards(self):
+            return super()._rewards().sum(dim=1, keepdim=True).expand(-1, 2)
+
+    fake_mqe.wrapper_class = SumsWithoutTheAttribute
+    env = make_env("isaacgym", num_envs=3, device="cpu")
+    env.reset()
+    with pytest.raises(BackendUnavailable, match="wrapper_team_reward=True"):
+        env.step(zero_actions())
+    env = make_env("isaacgym", num_envs=3, device="cpu", wrapper_team_reward=True)  # an explicit choice is trusted
+    env.reset()
+    env.step(zero_actions())
