@@ -488,7 +488,7 @@ def train(args: Args) -> str:
             except NonFiniteLoss as err:  # raised on every rank at the same step
                 path = save(last_good)
                 raise SystemExit(f"non-finite {err} at iteration {iteration}; stopped. The last good checkpoint "
-                                 f"(iteration {last_good['iteration']}) is {path}") from None
+                                 f"(iteration {last_good['iteration']}) is {path}" if rank() == 0 else 1) from None
             update = {"actor_stats": actor_stats, "factors": factors, "value_loss": value_loss, "critic_grad_norm": grad_norm}
             scalars = {**iteration_scalars(args, m, stats, buf, advantages, returns, update),
                        "charts/SPS": progress.sps(global_step)}

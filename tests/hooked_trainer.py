@@ -2,8 +2,12 @@
 
 - HOOK_STEP_DELAY=s: every env step also sleeps s seconds (a slow simulator, so a signal lands mid-run);
 - HOOK_SLOW_SAVE=n: the n-th checkpoint write (1-based) writes the first half of the real serialized bytes, prints
-  SAVING and hangs, as a save interrupted by a crash or a kill would leave it.
-Nothing else changes: the trainer, its signal handling and its files are the real ones.
+  SAVING and hangs, as a save interrupted by a crash or a kill would leave it;
+- HOOK_SAME_SEED=1: every rank seeds its envs and sampling with the base seed (so ranks hold identical data);
+- HOOK_DUMP_STATE=folder: at exit each rank saves its last snapshot (models, optimizers, ValueNorm, its own RNG,
+  envs and episode state) to folder/rank<RANK>.pt;
+- HOOK_NAN_RANK=r: from the second iteration on, rank r's advantages are NaN (a non-finite loss on one rank only).
+Nothing else changes: the trainer, torch.distributed, its signal handling and its files are the real ones.
 """
 import io
 import os
@@ -45,4 +49,32 @@ if slow_save > 0:
 
     torch.save = hanging_save
 
-sys.exit(happo_mapush.main())
+if os.environ.get("HOOK_SAME_SEED") == "1":
+    happo_mapush.rank_seed = lambda seed: seed
+
+if os.environ.get("HOOK_NAN_RANK") == os.environ.get("RANK", "0"):
+    real_gae, calls = happo_mapush.compute_gae, []
+
+    def nan_gae(*args, **kwargs):
+        calls.append(1)
+        advantages, returns = real_gae(*args, **kwargs)
+        return (advantages * float("nan") if len(calls) >= 2 else advantages), returns
+
+    happo_mapush.compute_gae = nan_gae
+
+dump, last = os.environ.get("HOOK_DUMP_STATE"), []
+if dump:
+    real_snapshot = happo_mapush.snapshot
+
+    def recording_snapshot(*args, **kwargs):
+        last[:] = [real_snapshot(*args, **kwargs)]
+        return last[0]
+
+    happo_mapush.snapshot = recording_snapshot
+
+try:
+    code = happo_mapush.main()
+finally:
+    if dump and last:
+        torch.save(last[0], os.path.join(dump, f"rank{os.environ.get('RANK', '0')}.pt"))
+sys.exit(code)
