@@ -27,9 +27,10 @@ def rank() -> int:
 
 def init_distributed(cuda: bool, backend: str = "auto") -> torch.device:
     """Join torchrun's process group when launched by it (nccl on CUDA, gloo on CPU unless `backend` says);
-    returns this process's device, cuda:LOCAL_RANK on CUDA."""
-    cuda = cuda and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    returns this process's device: cuda:LOCAL_RANK on CUDA."""
+    cuda = cuda and torch.cuda.is_available()  # more processes than GPUs share them round-robin (gloo only)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(torch.cuda.device_count(), 1)}"
+                          if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -117,3 +117,14 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_one_checkpoint(tmp_path):
     assert len(saved) == 1
     checkpoint = H.load_checkpoint(os.path.join(only_run_dir(tmp_path), saved[0]), "cpu")
     assert checkpoint["world_size"] == 2 and checkpoint["iteration"] >= 2
+
+
+def test_the_gpu_check_script_runs_here_at_small_sizes(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("| check | result |")[1]
+    for check in ("CUDA-only tests", "env only, 64 envs", "training, 64 envs, 1 process", "2 processes x 64 envs"):
+        assert check in table
+    assert "failed" not in table

@@ -65,6 +65,7 @@ def test_state_dict_round_trip():
     assert torch.equal(vn.denormalize(x), restored.denormalize(x))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_state_dict_keeps_statistics_on_cuda():
     vn = ValueNorm(device="cuda")
