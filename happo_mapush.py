@@ -1,11 +1,9 @@
-"""HAPPO (Heterogeneous-Agent PPO) with a centralized critic on MAPush's cuboid pushing task, in one file.
-
-HARL's HAPPO numerics with every documented critic fix as the default (`grep -n "Fix:" *.py` lists them):
+"""HAPPO (Heterogeneous-Agent PPO) with a centralized critic on MAPush's cuboid pushing task: HARL's numerics, every
+documented critic fix a default (`grep -n "Fix:" *.py`). README.md explains flags, logs and results.
     python happo_mapush.py                                      # train on the embedded VMAS task
     python happo_mapush.py --critic-input agent0-obs            # reproduce a documented bug (ablation)
     python happo_mapush.py --eval-checkpoint runs/RUN/checkpoint_390.pt
     torchrun --standalone --nproc_per_node 2 happo_mapush.py    # one run over 2 processes (--num-envs per rank)
-README.md explains every flag, logged metric and result; docs/ has the long story.
 """
 # Isaac Gym must be imported before torch; it is absent on most machines and only the isaacgym backend needs it.
 try:
@@ -24,11 +22,11 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-from distributed import (NonFiniteLoss, agreed, all_mean, all_sum, broadcast, broadcast_module, gather, init_distributed,
-                         mean_std, rank, rank_seed, shared_randperm, sync_gradients, world_size)
+from distributed import (NonFiniteLoss, agreed, all_mean, all_sum, broadcast, broadcast_module, gather,
+                         init_distributed, mean_std, rank, rank_seed, shared_randperm, sync_gradients, world_size)
 from global_state import build_global_state, global_state_dim, sanitize
-from lifecycle import (Progress, StopRequest, UsageError, atomic_save, check_args, load_checkpoint, open_run_dir,
-                       open_writer, report_stop, restore, resume_problem, snapshot)
+from lifecycle import (Progress, StopRequest, UsageError, check_args, load_checkpoint, open_run, report_stop, restore,
+                       resume_problem, save_checkpoint, snapshot)
 from mapush_env import ActionRepeat, BackendUnavailable, evaluate, make_env
 from value_norm import ValueNorm
 
@@ -55,8 +53,7 @@ class Args:
     num_steps: int = 20
     """the rollout length per env per iteration, in decisions (20 x 5 = 100 env steps; HARL's episode_length: 200)"""
     action_repeat: int = 5
-    """each action is held for this many env steps of 0.02 s and their rewards summed (1: MAPush's 50 Hz decisions);
-    `--num-steps`, `--gamma` and `--gae-lambda` count decisions"""
+    """each action is held for this many 0.02 s env steps, rewards summed (1: MAPush's 50 Hz); others count decisions"""
     random_episode_start: bool = True
     """if toggled, each env's first episode starts at a random step, so envs do not time out in lockstep"""
     total_timesteps: int = 20_000_000
@@ -169,10 +166,7 @@ class Critic(nn.Module):
 
 
 def critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.Tensor, torch.Tensor]:
-    """What the critic sees for one step: (input [E, D], number of non-finite entries zeroed).
-
-    `scene_fn()` gives the Scene; it is only called for the global state (agent 0's view needs none).
-    """
+    """What the critic sees for one step: (input [E, D], non-finite entries zeroed); `scene_fn()` gives the Scene."""
     if args.critic_input == "agent0-obs":
         return obs[:, 0], torch.zeros((), dtype=torch.long, device=obs.device)
     # Fix: the critic sees the global state (env-relative frame, with velocities), not agent 0's local view.
@@ -314,14 +308,13 @@ NONFINITE_STATS = ("obs", "reward", "state", "env")  # zeroed by the trainer; "e
 
 
 def make_storage(args: Args, env, state_dim: int, device) -> Dict[str, torch.Tensor]:
-    """Rollout storage, time-major like HARL's buffers."""
+    """Rollout storage, time-major like HARL's buffers: logprobs joint over action dims, values and final_values (at
+    time-outs only) normalized, rewards the team reward."""
     T, E, A = args.num_steps, args.num_envs, env.num_agents
-    zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
-    return {"obs": zeros(T, E, A, env.obs_dim), "actions": zeros(T, E, A, env.action_dim),
-            "logprobs": zeros(T, E, A),  # joint over action dims
-            "critic_inputs": zeros(T, E, state_dim), "values": zeros(T, E),  # normalized
-            "final_values": zeros(T, E),  # normalized, at time-outs only
-            "rewards": zeros(T, E), "dones": zeros(T, E), "truncated": zeros(T, E)}  # rewards: the team reward
+    shapes = {"obs": (T, E, A, env.obs_dim), "actions": (T, E, A, env.action_dim), "logprobs": (T, E, A),
+              "critic_inputs": (T, E, state_dim), **{k: (T, E) for k in ("values", "final_values", "rewards", "dones",
+                                                                           "truncated")}}
+    return {name: torch.zeros(shape, device=device) for name, shape in shapes.items()}
 
 
 @torch.no_grad()
@@ -368,9 +361,6 @@ def rollout(args: Args, env, m: Models, buf: Dict[str, torch.Tensor], live: dict
     return stats
 
 
-# -- checkpoints and logging -------------------------------------------------------------------------------------
-
-
 def iteration_scalars(args: Args, m: Models, stats: dict, buf, advantages, returns, update: dict) -> Dict[str, float]:
     """This iteration's scalars: counts and reward terms summed over ranks, the rest averaged; two transfers."""
     raw_values = m.value_norm.denormalize(buf["values"])
@@ -381,7 +371,9 @@ def iteration_scalars(args: Args, m: Models, stats: dict, buf, advantages, retur
              "diagnostics/returns_mean": returns_mean, "diagnostics/returns_std": returns_std,
              "diagnostics/values_mean": raw_values.mean(), "diagnostics/rewards_mean": buf["rewards"].mean(),
              "diagnostics/advantages_std": mean_std(advantages)[1], "diagnostics/value_norm_mean": vn_mean[0],
-             "diagnostics/value_norm_std": vn_var[0].sqrt()}
+             "diagnostics/value_norm_std": vn_var[0].sqrt(),
+             "charts/learning_rate": m.actor_optimizers[0].param_groups[0]["lr"],
+             "charts/critic_learning_rate": m.critic_optimizer.param_groups[0]["lr"]}
     for agent, agent_stats in update["actor_stats"].items():  # keyed by agent id, not update position (HARL's bug)
         f = update["factors"][agent]  # min and max: the mean over ranks of each rank's extreme
         agent_stats.update(factor_mean=f.mean(), factor_std=f.std(), factor_min=f.min(), factor_max=f.max())
@@ -397,8 +389,6 @@ def iteration_scalars(args: Args, m: Models, stats: dict, buf, advantages, retur
             ("exception", "exception_rate"), ("time_out", "time_out_rate"))}})
     for name in [k for k in scalars if k.startswith("rewards/")]:  # per env step of one env
         scalars[name] /= args.num_steps * args.num_envs * args.action_repeat * world_size()
-    scalars["charts/learning_rate"] = m.actor_optimizers[0].param_groups[0]["lr"]
-    scalars["charts/critic_learning_rate"] = m.critic_optimizer.param_groups[0]["lr"]
     return scalars
 
 
@@ -436,15 +426,9 @@ def start_run(args: Args) -> SimpleNamespace:
     live["obs"] = sanitize(live["obs"])[0]
     live["input"], _ = critic_input(args, live["obs"], env.scene)
     run.buf = make_storage(args, env, m.critic.trunk[0].normalized_shape[0], device)
-    if rank() == 0:
-        run.run_dir, run.continuing = open_run_dir(f"mapush_{args.env_backend}__{args.exp_name}__{args.seed}",
-                                                   args.resume, checkpoint)
-        run.writer = open_writer({**args_dict(args), "world_size": world_size()}, run.run_dir, run.continuing,
-                                 run.global_step, args.track, args.wandb_project_name)
-        print(f"training on {device} x {world_size()}: {args.num_envs} envs x {args.num_steps} decisions x "
-              f"{args.action_repeat} env steps per rank and iteration, iterations {run.start_iteration}-{num_iterations}"
-              f", run folder {run.run_dir}{' (continued)' if run.continuing else ''}\n  then: python happo_mapush.py "
-              f"--eval-checkpoint {run.run_dir}/checkpoint_{num_iterations}.pt", flush=True)
+    if rank() == 0:  # the run folder, TensorBoard (W&B) and the start-up line
+        run.run_dir, run.continuing, run.writer = open_run({**args_dict(args), "world_size": world_size()}, checkpoint,
+                                                           run.global_step, num_iterations, device)
     return run
 
 
@@ -453,12 +437,9 @@ def train(args: Args) -> str:
     run = start_run(args)
     env, m, buf, live, global_step = run.env, run.m, run.buf, run.live, run.global_step
 
-    def save(state: dict) -> str:
-        """Rank 0 writes the checkpoint with every rank's own part (every rank calls this: it gathers)."""
-        full = {**{k: v for k, v in state.items() if k != "local"}, "ranks": gather(state["local"]),
-                "world_size": world_size(), "run_name": os.path.basename(run.run_dir)}
-        path = os.path.join(run.run_dir, f"checkpoint_{state['iteration']}.pt")
-        return atomic_save(full, path) if rank() == 0 else ""
+    def save(state: dict) -> str:  # every rank calls it: rank 0 writes every rank's own part (RNG, envs)
+        ranks = gather(state["local"])
+        return save_checkpoint(state, ranks, run.run_dir) if rank() == 0 else ""
 
     stop, progress = StopRequest(), Progress(args.log_interval, run.num_iterations, run.start_iteration, global_step)
     last_good = snapshot(m, run.start_iteration - 1, global_step, args_dict(args), env, live)
@@ -489,12 +470,12 @@ def train(args: Args) -> str:
                 path = save(last_good)
                 raise SystemExit(f"non-finite {err} at iteration {iteration}; stopped. The last good checkpoint "
                                  f"(iteration {last_good['iteration']}) is {path}" if rank() == 0 else 1) from None
-            update = {"actor_stats": actor_stats, "factors": factors, "value_loss": value_loss, "critic_grad_norm": grad_norm}
+            update = dict(actor_stats=actor_stats, factors=factors, value_loss=value_loss, critic_grad_norm=grad_norm)
             scalars = {**iteration_scalars(args, m, stats, buf, advantages, returns, update),
                        "charts/SPS": progress.sps(global_step)}
-            for key, value in scalars.items() if run.writer is not None else ():
-                run.writer.add_scalar(key, value, global_step)
-            if rank() == 0:
+            if run.writer is not None:  # rank 0
+                for key, value in scalars.items():
+                    run.writer.add_scalar(key, value, global_step)
                 progress.line(iteration, global_step, scalars)
             last_good = snapshot(m, iteration, global_step, args_dict(args), env, live)
             if iteration % args.save_interval == 0 or iteration == run.num_iterations:
@@ -542,7 +523,8 @@ def main() -> int:
         check_args(args)
         if args.eval_checkpoint is None:
             path = train(args)
-            print(f"checkpoint: {path}" if rank() == 0 else "", end="\n" if rank() == 0 else "")
+            if rank() == 0:
+                print(f"checkpoint: {path}")
         elif int(os.environ.get("RANK", "0")) == 0:  # under torchrun one process evaluates
             device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
             checkpoint = load_checkpoint(args.eval_checkpoint, device)

@@ -78,7 +78,8 @@ def check_args(args):
     if args.resume is not None and args.eval_checkpoint is not None:
         raise UsageError("--resume and --eval-checkpoint exclude each other")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count: --num-envs is per process
-    if args.eval_checkpoint is None and args.total_timesteps < args.num_envs * args.num_steps * args.action_repeat * world:
+    per_iteration = args.num_envs * args.num_steps * args.action_repeat * world
+    if args.eval_checkpoint is None and args.total_timesteps < per_iteration:
         raise UsageError(f"--total-timesteps {args.total_timesteps} is below one iteration ({args.num_envs} envs x "
                          f"{args.num_steps} decisions x {args.action_repeat} env steps x {world} processes)")
     # HARL drops a remainder from every epoch; here it is an error, as it would silently change the batch.
@@ -167,6 +168,13 @@ def atomic_save(state: dict, path: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_checkpoint(state: dict, ranks: list, run_dir: str) -> str:
+    """A snapshot as checkpoint_<iteration>.pt in `run_dir`, with every rank's own part in "ranks"."""
+    full = {**{k: v for k, v in state.items() if k != "local"}, "ranks": ranks, "world_size": len(ranks),
+            "run_name": os.path.basename(run_dir)}
+    return atomic_save(full, os.path.join(run_dir, f"checkpoint_{state['iteration']}.pt"))
 
 
 class StopRequest:
@@ -259,6 +267,19 @@ def open_writer(flags: dict, run_dir: str, continuing: bool, global_step: int, t
     if not continuing:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
     return writer
+
+
+def open_run(flags: dict, checkpoint: Optional[dict], global_step: int, num_iterations: int, device):
+    """Rank 0's side of a run: its folder, the writer, and one line that says what runs where."""
+    name = f"mapush_{flags['env_backend']}__{flags['exp_name']}__{flags['seed']}"
+    run_dir, continuing = open_run_dir(name, flags["resume"], checkpoint)
+    writer = open_writer(flags, run_dir, continuing, global_step, flags["track"], flags["wandb_project_name"])
+    first = checkpoint["iteration"] + 1 if checkpoint is not None else 1
+    print(f"training: {flags['world_size']} process(es) on {device}, {flags['num_envs']} envs x {flags['num_steps']} "
+          f"decisions x {flags['action_repeat']} env steps per iteration and process, iterations {first}-"
+          f"{num_iterations}, run folder {run_dir}{' (continued)' if continuing else ''}\n  then: python "
+          f"happo_mapush.py --eval-checkpoint {run_dir}/checkpoint_{num_iterations}.pt", flush=True)
+    return run_dir, continuing, writer
 
 
 class Progress:
