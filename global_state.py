@@ -1,6 +1,6 @@
 """The centralized critic's input: a `Scene` (physical state of a batch of envs) -> the global state.
 
-Layout for A agents (DESIGN.md, spec section 8 of `mapush_go1push_mid.md`):
+Layout for A agents (the heterogeneous-MAPush fork's construction; docs/critic_fixes.md tells its story):
     [box_x, box_y, box_yaw, target_x, target_y] + A x [x, y, yaw, vx*2.0, vy*2.0, yaw_rate*0.25]
 Positions are env-relative (m), yaws in [0, 2*pi), velocities in the agent's body frame scaled like MQE's observations.
 The target has no yaw (it never rotates). Every agent's critic sees this same state ("EP" state).

@@ -1,6 +1,6 @@
 """MAPush's mid-level cuboid task `go1push_mid` behind one contract, and its embedded VMAS backend.
 
-The contract (both backends; DESIGN in README "Code tour"): `make_env`, `Scene`, `ActionRepeat`, `evaluate`.
+The contract of both backends (README, "Code tour"): `make_env`, `Scene`, `ActionRepeat`, `evaluate`.
 - `vmas` (default, this file): a planar re-creation on VMAS's rigid-body `World` (physics only). Resets,
   observations, rewards and termination follow MQE's `Go1PushMidWrapper`; docs/embedded_task.md has the physics.
 - `isaacgym` (`mapush_isaacgym.py`, imported only when chosen): a thin adapter over MQE's `make_mqe_env`.
@@ -38,7 +38,7 @@ class BackendUnavailable(ImportError):
     """A backend's simulator is not installed; the message says what to install."""
 
 
-# Task constants (spec sections 1-6; canonical cuboid config `task/cuboid/config.py`).
+# Task constants (MQE's go1_push_mid_config.py as the canonical cuboid config `task/cuboid/config.py` sets it).
 DT = 0.02  # one policy step, s (PhysX 5 ms x decimation 4)
 EPISODE_STEPS = 1000  # 20 s; the time-out fires when the step counter exceeds it, i.e. on step 1001
 ACTION_SCALE = 0.5  # command = 0.5 * clip(action, -1, 1): (vx, vy) m/s and yaw rate rad/s, body frame
@@ -56,7 +56,7 @@ REWARD_SCALES = {
 }
 REWARD_TERMS = ("distance_to_target", "approach", "collision", "push", "ocb", "reach_target", "exception")
 
-# Surrogate dynamics (spec section 10; values tagged [A] there are our estimates).
+# Surrogate dynamics (docs/embedded_task.md; the friction and controller values are our estimates).
 BOX_SIZE, BOX_MASS, BOX_IZZ = 1.2, 4.0, 0.25  # URDF SmallBox: 1.2 x 1.2 m, 4 kg, Izz 0.25 kg m^2
 BOX_MU_RANGE = (0.30, 0.35)  # effective box-ground Coulomb coefficient, drawn once per env
 GRAVITY = 9.81
@@ -174,7 +174,7 @@ def rotate(xy: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
 
 
 def observations(box_xy, box_yaw, target_xy, agent_xy, agent_yaw) -> torch.Tensor:
-    """MQE's per-agent observation [E, A, 2 + 3A] in each agent's heading frame (spec section 4)."""
+    """MQE's per-agent observation [E, A, 2 + 3A] in each agent's heading frame (as MQE's wrapper)."""
     num_agents = agent_xy.shape[1]
     to_ego = -agent_yaw  # [E, A]
     parts = [
@@ -190,7 +190,7 @@ def observations(box_xy, box_yaw, target_xy, agent_xy, agent_yaw) -> torch.Tenso
     return torch.cat(parts, dim=-1)
 
 
-# The box's edges, counter-clockwise from the corner (-0.6, -0.6), and their inward normals (spec 5.7).
+# The box's edges, counter-clockwise from the corner (-0.6, -0.6), and their inward normals (MQE's vertex_list).
 _HALF = BOX_SIZE / 2
 BOX_VERTICES = ((-_HALF, -_HALF), (_HALF, -_HALF), (_HALF, _HALF), (-_HALF, _HALF))
 BOX_INWARD_NORMALS = ((0.0, 1.0), (-1.0, 0.0), (0.0, -1.0), (1.0, 0.0))
@@ -218,7 +218,7 @@ def nearest_face_normal(q: torch.Tensor) -> torch.Tensor:
 
 
 def termination(box_target_dist, agent_xy, step_count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(success, exception, time_out), bool [E] each, from the post-physics state (spec section 6.1).
+    """(success, exception, time_out), bool [E] each, from the post-physics state (as MQE).
 
     box_target_dist [E] is the planar box-target distance, agent_xy [E, A, 2], step_count [E].
     """
@@ -232,7 +232,7 @@ def termination(box_target_dist, agent_xy, step_count) -> Tuple[torch.Tensor, to
 def task_rewards(
     box_xy, box_yaw, box_vel, target_xy, agent_xy, prev_dist, success, exception, nonfinite
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Per-agent rewards [E, A] (no team sum) and each term summed over agents [E] (spec section 5)."""
+    """Per-agent rewards [E, A] (no team sum) and each term summed over agents [E] (MQE's seven terms)."""
     num_envs, num_agents, _ = agent_xy.shape
     s = REWARD_SCALES
     dist = torch.linalg.vector_norm(box_xy - target_xy, dim=-1)
@@ -357,7 +357,7 @@ class VmasPushEnv:
 
     # -- reset ------------------------------------------------------------------------------------------------
     def _reset_envs(self, mask: torch.Tensor) -> None:
-        """Resample the envs where mask [E] is True (spec section 3); the others keep their state."""
+        """Resample the envs where mask [E] is True (MQE's reset distributions); the others keep their state."""
         E, A = self.num_envs, self.num_agents
         m1, m2 = mask.unsqueeze(-1), mask.view(E, 1, 1)
         box_xy = torch.tensor([12.0, 0.0], device=self.device).expand(E, 2)

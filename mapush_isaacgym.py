@@ -105,7 +105,7 @@ class IsaacGymPushEnv:
             raise BackendUnavailable(ISAACGYM_HELP.format(err=err)) from None
         self.device = cuda_device(device)
         on_gpu = self.device.type == "cuda"
-        # The fields MQE's make_env reads, set as HARL's MAPushEnv sets them (spec 9.1).
+        # The fields MQE's make_env reads, set as HARL's MAPush env sets them.
         args = argparse.Namespace(
             num_envs=num_envs, seed=seed, record_video=False, headless=True, physics_engine=gymapi.SIM_PHYSX,
             sim_device=str(self.device), sim_device_type=self.device.type, compute_device_id=self.device.index or 0,

@@ -1,4 +1,4 @@
-"""ValueNorm: HARL's running mean/variance normalizer for value targets (spec happo_harl.md section 4).
+"""ValueNorm: HARL's running mean/variance normalizer for value targets (HARL's harl/common/valuenorm.py).
 
 Debiased exponential moving averages of the returns and their squares (beta = 0.99999), variance floored at 1e-2.
 The statistics are registered buffers, so `state_dict()` saves and restores them on any device (HARL's
