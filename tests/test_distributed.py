@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import happo_mapush as H
+from checkpoint_tensors import learned_state, same  # what must be identical on every rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOKED = os.path.join(ROOT, "tests", "hooked_trainer.py")
@@ -29,18 +30,6 @@ def run(cwd, nproc, *flags, **hooks):
     return subprocess.run(command(nproc, *flags), cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def shared_state(state):
-    """The part of a snapshot or checkpoint that must be identical on every rank, as a flat list of tensors."""
-    tensors = [t for sd in state["actors"] + [state["critic"], state["value_norm"]] for t in sd.values()]
-    for optimizer in state["actor_optimizers"] + [state["critic_optimizer"]]:
-        tensors += [v for s in optimizer["state"].values() for v in s.values() if torch.is_tensor(v)]
-    return tensors
-
-
-def same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-
-
 def only_run_dir(cwd):
     (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
     return run_dir
@@ -51,7 +40,7 @@ def test_two_ranks_hold_identical_models_and_explore_differently(tmp_path):
     assert result.returncode == 0, result.stderr
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 3
-    assert same(shared_state(ranks[0]), shared_state(ranks[1]))  # actors, critic, Adam states, ValueNorm
+    assert same(learned_state(ranks[0]), learned_state(ranks[1]))  # actors, critic, Adam states, ValueNorm
     assert int(ranks[0]["value_norm"]["num_updates"]) == 3
     envs = [r["local"]["env"]["bodies"]["box"][0] for r in ranks]  # each rank's own envs (seed + rank)
     assert not torch.equal(envs[0], envs[1])
@@ -61,7 +50,7 @@ def test_two_ranks_hold_identical_models_and_explore_differently(tmp_path):
     checkpoint = H.load_checkpoint(os.path.join(run_dir, "checkpoint_3.pt"), "cpu")
     assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
     assert checkpoint["global_step"] == 3 * 2 * ITERATION  # both ranks' env steps
-    assert same(shared_state(checkpoint), shared_state(ranks[0]))
+    assert same(learned_state(checkpoint), learned_state(ranks[0]))
 
 
 def test_two_ranks_with_one_seed_reproduce_one_process_exactly(tmp_path):
@@ -74,7 +63,7 @@ def test_two_ranks_with_one_seed_reproduce_one_process_exactly(tmp_path):
     # equal one process's exactly, so any double count or missing sync shows here
     paths = [os.path.join(only_run_dir(d), "checkpoint_3.pt") for d in (one, two)]
     states = [torch.load(p, weights_only=True) for p in paths]
-    assert same(shared_state(states[0]), shared_state(states[1]))
+    assert same(learned_state(states[0]), learned_state(states[1]))
 
 
 def test_a_two_rank_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -85,7 +74,7 @@ def test_a_two_rank_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert result.returncode == 0, result.stderr
     (branch,) = set(glob.glob(os.path.join(tmp_path, "runs", "*"))) - {run_dir}
     expected, resumed = (torch.load(os.path.join(d, "checkpoint_6.pt"), weights_only=True) for d in (run_dir, branch))
-    assert same(shared_state(expected), shared_state(resumed))
+    assert same(learned_state(expected), learned_state(resumed))
     for a, b in zip(expected["ranks"], resumed["ranks"]):  # and every rank's envs and RNG
         assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
         assert all(torch.equal(x, y) for x, y in zip(a["env"]["bodies"]["box"], b["env"]["bodies"]["box"]))

@@ -16,6 +16,7 @@ import torch
 
 import happo_mapush as H
 import mapush_env
+from checkpoint_tensors import learned_state, same
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "happo_mapush.py")
@@ -53,15 +54,7 @@ def wait_for(proc, marker: str, timeout: float = 120) -> list:
 
 
 def params(path):
-    state = torch.load(path, weights_only=True)
-    tensors = [t for sd in state["actors"] + [state["critic"], state["value_norm"]] for t in sd.values()]
-    for optimizer in state["actor_optimizers"] + [state["critic_optimizer"]]:
-        tensors += [v for s in optimizer["state"].values() for v in s.values() if torch.is_tensor(v)]
-    return tensors
-
-
-def same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return learned_state(torch.load(path, weights_only=True))
 
 
 def hashes(root):
