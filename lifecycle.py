@@ -179,14 +179,16 @@ def save_checkpoint(state: dict, ranks: list, run_dir: str) -> str:
 
 class StopRequest:
     """SIGINT and SIGTERM set `signum`, which the trainer polls at safe points, so that it saves the last consistent
-    state before exiting; a second SIGINT exits at once (SystemExit 130) without saving. Outside the main thread
-    signals cannot be caught, and nothing is installed."""
+    state before exiting; a second SIGINT exits at once (SystemExit 130) without saving. A signal the parent told us
+    to ignore (nohup, a shell's background job ignores SIGINT) stays ignored; outside the main thread signals cannot
+    be caught, and nothing is installed."""
 
     def __init__(self):
         self.signum = 0
         self.previous: Dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)
+                             if signal.getsignal(s) is not signal.SIG_IGN}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:

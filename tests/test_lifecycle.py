@@ -118,6 +118,19 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, reference, s
     assert same(params(os.path.join(run_dir, "checkpoint_6.pt")), params(os.path.join(reference[1], "checkpoint_6.pt")))
 
 
+def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path):
+    proc = start(tmp_path, *SIX, "--save-interval", "100", HOOK_STEP_DELAY=0.05)  # a decision takes 0.25 s
+    wait_for(proc, "iter 1/6")
+    time.sleep(0.1)  # into the next rollout, away from the end-of-iteration check
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)  # two signals at once would merge into one; this one lands before the next safe point
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by" not in out and "Traceback" not in err
+    (run_dir,) = run_dirs(tmp_path)
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".pt")]
+
+
 def test_resuming_an_older_checkpoint_branches_and_leaves_every_file_unchanged(tmp_path, reference):
     cwd, run_dir = reference
     before = hashes(os.path.join(cwd, "runs"))
