@@ -11,6 +11,7 @@ before this file existed. Under torchrun (global RANK, LOCAL_RANK, WORLD_SIZE in
 from __future__ import annotations
 
 import os
+import time
 from typing import Tuple
 
 import torch
@@ -36,6 +37,15 @@ def init_distributed(cuda: bool, backend: str = "auto") -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend if backend != "auto" else ("nccl" if cuda else "gloo"))
     return device
+
+
+def shutdown() -> None:
+    """Leave the process group. Gloo's worker threads free their last work objects, which takes the GIL, while
+    ProcessGroupGloo's destructor holds the GIL and waits for them (a deadlock seen with torch 2.4.1 about once in
+    ten runs): a short sleep, which releases the GIL, lets them finish first."""
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(0.2)
+        dist.destroy_process_group()
 
 
 def rank_seed(seed: int) -> int:

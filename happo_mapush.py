@@ -23,7 +23,8 @@ import tyro
 from torch import nn
 
 from distributed import (NonFiniteLoss, agreed, all_mean, all_sum, broadcast, broadcast_module, gather,
-                         init_distributed, mean_std, rank, rank_seed, shared_randperm, sync_gradients, world_size)
+                         init_distributed, mean_std, rank, rank_seed, shared_randperm, shutdown, sync_gradients,
+                         world_size)
 from global_state import build_global_state, global_state_dim, sanitize
 from lifecycle import (Progress, StopRequest, UsageError, check_args, load_checkpoint, open_run, report_stop, restore,
                        resume_problem, save_checkpoint, snapshot)
@@ -540,8 +541,7 @@ def main() -> int:
         print("interrupted before training started: nothing to save", file=sys.stderr)
         return 130
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
     return 0
 
 
