@@ -81,8 +81,8 @@ class Args:
     """the PPO clip range, also used to clip the value function (as HARL)"""
     clip_vloss: bool = True
     """if toggled, use the clipped value loss (max of clipped and unclipped Huber losses)"""
-    ent_coef: float = 0.01
-    """the entropy bonus coefficient"""
+    ent_coef: float = 0.02
+    """the entropy bonus coefficient (HARL: 0.01; 0.02 learned faster in the sweep, see README)"""
     gamma: float = 0.99
     """the discount factor per decision"""
     gae_lambda: float = 0.95
