@@ -26,7 +26,7 @@ import torch
 # Experiments removed after they showed no measurable effect (docs/results.md has their results and the commit that
 # still has them): a checkpoint that used one cannot be rebuilt by this code and is refused.
 RETIRED = {"tanh_mean": False, "input_norm": "layernorm", "std_max": 0.5, "obs_stack": 1}
-RETIRED_AT = "e9ae5d7"
+RETIRED_AT = "0aee1c9"  # the last commit that has them
 CHECKPOINT_KEYS = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration",
                    "global_step", "args", "run_name"}
 
