@@ -57,15 +57,6 @@ def _comm(x: torch.Tensor) -> torch.Tensor:
     return x.cuda() if dist.get_backend() == "nccl" else x  # nccl moves CUDA tensors only
 
 
-def all_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of a tensor every rank holds (all ranks' batches have the same size)."""
-    if world_size() == 1:
-        return x
-    x = _comm(x.clone())
-    dist.all_reduce(x)
-    return x / world_size()
-
-
 def all_sum(x: torch.Tensor, op: str = "SUM") -> torch.Tensor:
     """The sum (or with op="MAX" the maximum) over ranks of a tensor every rank holds."""
     if world_size() == 1:
@@ -73,6 +64,11 @@ def all_sum(x: torch.Tensor, op: str = "SUM") -> torch.Tensor:
     x = _comm(x.clone())
     dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor every rank holds (all ranks' batches have the same size)."""
+    return x if world_size() == 1 else all_sum(x) / world_size()
 
 
 def agreed(value: int) -> int:
