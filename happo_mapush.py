@@ -364,14 +364,16 @@ def rollout(args: Args, env, m: Models, buf: Dict[str, torch.Tensor], live: dict
 
 def iteration_scalars(args: Args, m: Models, stats: dict, buf, advantages, returns, update: dict) -> Dict[str, float]:
     """This iteration's scalars: counts and reward terms summed over ranks, the rest averaged; two transfers."""
-    raw_values = m.value_norm.denormalize(buf["values"])
-    (returns_mean, returns_std), residual_std = mean_std(returns), mean_std(returns - raw_values)[1]
+    # The values as GAE used them (returns = advantages + values), not re-denormalized after this update's ValueNorm
+    # step: explained variance = 1 - Var(advantages) / Var(returns).
+    raw_values = returns - advantages
+    (returns_mean, returns_std), advantages_std = mean_std(returns), mean_std(advantages)[1]
     vn_mean, vn_var = m.value_norm.mean_var()
-    means = {"losses/explained_variance": 1.0 - residual_std**2 / (returns_std**2).clamp(min=1e-8),
+    means = {"losses/explained_variance": 1.0 - advantages_std**2 / (returns_std**2).clamp(min=1e-8),
              "losses/value_loss": update["value_loss"], "losses/critic_grad_norm": update["critic_grad_norm"],
              "diagnostics/returns_mean": returns_mean, "diagnostics/returns_std": returns_std,
              "diagnostics/values_mean": raw_values.mean(), "diagnostics/rewards_mean": buf["rewards"].mean(),
-             "diagnostics/advantages_std": mean_std(advantages)[1], "diagnostics/value_norm_mean": vn_mean[0],
+             "diagnostics/advantages_std": advantages_std, "diagnostics/value_norm_mean": vn_mean[0],
              "diagnostics/value_norm_std": vn_var[0].sqrt(),
              "charts/learning_rate": m.actor_optimizers[0].param_groups[0]["lr"],
              "charts/critic_learning_rate": m.critic_optimizer.param_groups[0]["lr"]}

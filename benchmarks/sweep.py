@@ -33,6 +33,8 @@ ARMS = {
     "actor_256x256": ["--hidden-sizes", "256", "256"],
     "ppo_epochs_10": ["--ppo-epochs", "10"],
     "ent_coef_0.02": ["--ent-coef", "0.02"],
+    "value_norm_per_minibatch": ["--value-norm-update", "per-minibatch"],
+    "critic_lr_1e-4": ["--critic-lr", "1e-4"],
 }
 ENV_STEPS_PER_ITERATION = 512 * 20 * 5  # the default's num_envs x num_steps x action_repeat
 
