@@ -14,8 +14,7 @@ except ImportError:
 import os
 import sys
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
-from typing import Dict, List, Literal, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,8 @@ from distributed import (NonFiniteLoss, agreed, all_mean, all_sum, broadcast, br
                          init_distributed, mean_std, rank, rank_seed, shared_randperm, shutdown, sync_gradients,
                          world_size)
 from global_state import build_global_state, global_state_dim, sanitize
-from lifecycle import (Progress, StopRequest, UsageError, check_args, load_checkpoint, open_run, report_stop, restore,
-                       resume_problem, save_checkpoint, snapshot)
+from lifecycle import (Progress, RunFolder, StopRequest, UsageError, check_args, load_checkpoint, open_run, report_stop,
+                       restore, resume_problem, save_checkpoint, snapshot)
 from mapush_env import ActionRepeat, BackendUnavailable, evaluate, make_env
 from value_norm import ValueNorm
 
@@ -166,7 +165,7 @@ class Critic(nn.Module):
         return self.head(self.trunk(x)).squeeze(-1)
 
 
-def critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.Tensor, torch.Tensor]:
+def build_critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.Tensor, torch.Tensor]:
     """What the critic sees for one step: (input [E, D], non-finite entries zeroed); `scene_fn()` gives the Scene."""
     if args.critic_input == "agent0-obs":
         return obs[:, 0], torch.zeros((), dtype=torch.long, device=obs.device)
@@ -174,21 +173,24 @@ def critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.Tensor,
     return build_global_state(scene_fn())
 
 
-class Models(NamedTuple):
-    actors: List[Actor]
-    critic: Critic
+@dataclass
+class Models:
+    actors: List[Actor]  # one per agent (HARL: no parameter sharing)
     actor_optimizers: List[torch.optim.Optimizer]
+    critic: Critic
     critic_optimizer: torch.optim.Optimizer
     value_norm: ValueNorm
+    critic_input_dim: int  # global_state_dim(A), or obs_dim with --critic-input agent0-obs
 
 
 def build_models(args: Args, env, device) -> Models:
     actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes).to(device) for _ in range(env.num_agents)]
-    state_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
-    critic = Critic(state_dim, args.critic_hidden_sizes).to(device)
-    # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor (no parameter sharing).
-    return Models(actors, critic, [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5) for a in actors],
-                  torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5), ValueNorm(device=device))
+    critic_input_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
+    critic = Critic(critic_input_dim, args.critic_hidden_sizes).to(device)
+    # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor.
+    return Models(actors, [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5) for a in actors], critic,
+                  torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5), ValueNorm(device=device),
+                  critic_input_dim)
 
 
 # -- the algorithm: GAE, the sequential HAPPO actor update, the critic update --------------------------------------
@@ -213,17 +215,22 @@ def compute_gae(rewards, values, next_value, dones, truncated, final_values, gam
     return advantages, advantages + raw_values[:-1]
 
 
-ACTOR_STATS = ("policy_loss", "entropy", "ratio", "clip_fraction", "approx_kl", "grad_norm")
+def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, args: Args):
+    """HAPPO's actor update (Kuba et al., ICLR 2022; HARL's on_policy_ha_runner.train and happo.py) on flat batches:
+    obs [B, A, obs_dim], actions [B, A, act_dim], logprobs [B, A] (joint over action dims, from the rollout) and the
+    team advantages [B]. Returns ({agent id: {stat: value}}, {agent id: the factor it trained with, [B]}).
 
-
-def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, order, args: Args):
-    """Sequential HAPPO update of every actor, in `order`, on flat batches.
-
-    obs [B, A, obs_dim], actions [B, A, act_dim], logprobs [B, A] (joint, from the rollout), advantages [B].
-    Returns per-agent stats ({agent id: {name: value}}) and the factor each agent trained with ({agent id: [B]}).
+    Why the factor: agent i maximizes the clipped surrogate of the *joint* policy change, given that the agents before
+    it in this iteration have already changed theirs. Their change enters as the factor, the product of their joint
+    ratios new/old on every sample; with it, each agent's update cannot undo the improvement of the ones before it
+    (the monotonic improvement guarantee), which simultaneous updates (factor 1, `--no-sequential`) lack. Why a fresh
+    random order every iteration: no agent is always first (always updated against factor 1) or always last.
+    In one process the distributed helpers reduce to plain torch: `shared_randperm(n)` is `torch.randperm(n)`,
+    `mean_std(x)` is `(x.mean(), x.std(unbiased=False))`, `sync_gradients` only checks that the loss is finite.
     """
-    batch_size = advantages.shape[0]
+    batch_size, num_agents = advantages.shape[0], obs.shape[1]
     minibatch_size = batch_size // args.actor_num_minibatches
+    order = shared_randperm(num_agents, "cpu").tolist()  # the same order on every rank
     # EP advantage normalization: once over the whole batch (of all ranks), population std, not including the factor.
     mean, std = mean_std(advantages)
     advantages = (advantages - mean) / (std + 1e-5)
@@ -234,7 +241,8 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, o
         actor, optimizer = actors[agent], optimizers[agent]
         agent_obs, agent_actions, old_logprob = obs[:, agent], actions[:, agent], logprobs[:, agent]
         factors_used[agent] = factor
-        sums = torch.zeros(len(ACTOR_STATS), device=advantages.device)
+        sums = dict.fromkeys(("policy_loss", "entropy", "ratio", "clip_fraction", "approx_kl", "grad_norm"),
+                             torch.zeros((), device=advantages.device))
         for _ in range(args.ppo_epochs):
             perm = shared_randperm(batch_size, advantages.device)
             for start in range(0, batch_size, minibatch_size):
@@ -253,11 +261,13 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, o
                 grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
                 optimizer.step()
                 with torch.no_grad():
-                    clip_frac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-                    approx_kl = ((ratio - 1) - log_ratio).mean()
-                    sums += torch.stack([policy_loss, entropy, ratio.mean(), clip_frac, approx_kl, grad_norm])
-        means = (sums / (args.ppo_epochs * args.actor_num_minibatches)).tolist()
-        stats[agent] = dict(zip(ACTOR_STATS, means), update_position=float(position))
+                    step_stats = {"policy_loss": policy_loss, "entropy": entropy, "ratio": ratio.mean(),
+                                  "clip_fraction": ((ratio - 1.0).abs() > args.clip_coef).float().mean(),
+                                  "approx_kl": ((ratio - 1) - log_ratio).mean(), "grad_norm": grad_norm}
+                    sums = {name: sums[name] + value for name, value in step_stats.items()}
+        updates = args.ppo_epochs * args.actor_num_minibatches
+        stats[agent] = {name: (value / updates).item() for name, value in sums.items()}
+        stats[agent]["update_position"] = float(position)
         if args.sequential:
             # The next agent's factor: this agent's joint ratio after its whole update, on the whole batch.
             with torch.no_grad():
@@ -304,92 +314,134 @@ def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, retu
 
 # -- rollout ---------------------------------------------------------------------------------------------------
 
-EPISODE_STATS = ("return", "length", "success", "exception", "time_out", "count")
-NONFINITE_STATS = ("obs", "reward", "state", "env")  # zeroed by the trainer; "env": what the env itself zeroed
+
+@dataclass
+class Storage:
+    """One rollout, time-major like HARL's buffers (T decisions x E envs x A agents)."""
+
+    obs: torch.Tensor  # [T, E, A, obs_dim]
+    actions: torch.Tensor  # [T, E, A, action_dim], the unclipped samples
+    logprobs: torch.Tensor  # [T, E, A], joint over the action dims
+    critic_inputs: torch.Tensor  # [T, E, critic_input_dim]
+    values: torch.Tensor  # [T, E], normalized
+    final_values: torch.Tensor  # [T, E], normalized value of the pre-reset state, where a time-out is bootstrapped
+    rewards: torch.Tensor  # [T, E], the team reward
+    dones: torch.Tensor  # [T, E]
+    truncated: torch.Tensor  # [T, E], 1 where a time-out (only) ended the episode and the env gave its final state
+    next_value: torch.Tensor  # [E], normalized value of the state after the last decision
+
+    @classmethod
+    def zeros(cls, num_steps: int, env, critic_input_dim: int, device) -> "Storage":
+        T, E, A = num_steps, env.num_envs, env.num_agents
+        return cls(*(torch.zeros(shape, device=device) for shape in (
+            (T, E, A, env.obs_dim), (T, E, A, env.action_dim), (T, E, A), (T, E, critic_input_dim), *[(T, E)] * 5,
+            (E,))))
 
 
-def make_storage(args: Args, env, state_dim: int, device) -> Dict[str, torch.Tensor]:
-    """Rollout storage, time-major like HARL's buffers: logprobs joint over action dims, values and final_values (at
-    time-outs only) normalized, rewards the team reward."""
-    T, E, A = args.num_steps, args.num_envs, env.num_agents
-    shapes = {"obs": (T, E, A, env.obs_dim), "actions": (T, E, A, env.action_dim), "logprobs": (T, E, A),
-              "critic_inputs": (T, E, state_dim), **{k: (T, E) for k in ("values", "final_values", "rewards", "dones",
-                                                                           "truncated")}}
-    return {name: torch.zeros(shape, device=device) for name, shape in shapes.items()}
+@dataclass
+class Carry:
+    """What one rollout hands to the next: the current observation and critic input, each env's episode so far."""
+
+    obs: torch.Tensor  # [E, A, obs_dim], non-finite entries zeroed
+    critic_input: torch.Tensor  # [E, critic_input_dim]
+    ep_return: torch.Tensor  # [E], team reward summed
+    ep_length: torch.Tensor  # [E], env steps
+
+
+# Counts summed over the rollout (and ranks): episodes that ended, and non-finite entries zeroed by the trainer
+# ("env": those the env zeroed itself).
+EPISODE_STATS = ("count", "return", "length", "success", "exception", "time_out")
+NONFINITE_STATS = ("obs", "reward", "state", "env")
 
 
 @torch.no_grad()
-def rollout(args: Args, env, m: Models, buf: Dict[str, torch.Tensor], live: dict, stop: StopRequest):
-    """One rollout of `args.num_steps` decisions per env into `buf`; `live` carries the current observation, critic
-    input and episode accumulators across iterations. Returns the rollout's statistics (sums, on the device), or None
-    when a stop is requested: the rollout is abandoned, the last consistent state is the previous iteration's."""
-    stats = {key: torch.zeros((), device=buf["rewards"].device) for key in
-             [f"episodes/{name}" for name in EPISODE_STATS] + [f"diagnostics/nonfinite_{n}" for n in NONFINITE_STATS]}
+def rollout(args: Args, env, m: Models, buf: Storage, carry: Carry, stop: StopRequest) -> Optional[Dict[str, Any]]:
+    """One rollout of `args.num_steps` decisions per env into `buf`, continuing from `carry` (updated in place).
+    Returns the rollout's statistics by name (sums, on the device), or None when a stop is requested: the rollout is
+    abandoned, and the last consistent state is the previous iteration's."""
+    zero = torch.zeros((), device=buf.rewards.device)
+    stats: Dict[str, Any] = {**{f"episodes/{n}": zero for n in EPISODE_STATS},
+                             **{f"diagnostics/nonfinite_{n}": zero for n in NONFINITE_STATS}}
     for step in range(args.num_steps):
         if agreed(stop.signum):  # every rank stops at the same step
             return None
-        buf["obs"][step], buf["critic_inputs"][step] = live["obs"], live["input"]
-        buf["values"][step] = m.critic(live["input"])
+        buf.obs[step], buf.critic_inputs[step] = carry.obs, carry.critic_input
+        buf.values[step] = m.critic(carry.critic_input)
         for i, actor in enumerate(m.actors):
-            policy = actor.dist(live["obs"][:, i])
-            buf["actions"][step, :, i] = action = policy.sample()
-            buf["logprobs"][step, :, i] = policy.log_prob(action).sum(-1)
-        obs, reward, done, info = env.step(buf["actions"][step])
+            policy = actor.dist(carry.obs[:, i])
+            buf.actions[step, :, i] = action = policy.sample()
+            buf.logprobs[step, :, i] = policy.log_prob(action).sum(-1)
+        obs, reward, done, info = env.step(buf.actions[step])
         # Whatever reaches the trainer non-finite is zeroed and counted, never fed to the networks.
-        (live["obs"], bad_obs), (reward, bad_reward) = sanitize(obs), sanitize(reward)
+        (carry.obs, bad_obs), (reward, bad_reward) = sanitize(obs), sanitize(reward)
         # Fix: the critic's reward is the team reward, formed explicitly, not agent 0's column.
         team_reward = reward.sum(1) if args.team_reward == "sum" else reward.mean(1)
-        buf["rewards"][step], buf["dones"][step] = team_reward, done.float()
+        buf.rewards[step], buf.dones[step] = team_reward, done.float()
+        # Only a time-out is not a failure: a success or an exception on the same step is terminal.
         truncated = info["time_out"] & ~info["success"] & ~info["exception"]
-        buf["truncated"][step] = buf["final_values"][step] = 0.0
+        buf.truncated[step] = buf.final_values[step] = 0.0
         if "final_scene" in info and bool(truncated.any()):
-            # A time-out is not a failure: bootstrap from the state the env had before its auto-reset.
-            buf["truncated"][step] = truncated.float()
-            final_input, _ = critic_input(args, sanitize(info["final_obs"])[0], lambda: info["final_scene"])
-            buf["final_values"][step] = m.critic(final_input) * truncated
-        live["input"], bad_state = critic_input(args, live["obs"], env.scene)
-        live["ep_return"] += team_reward
-        live["ep_length"] += info["env_steps"]
-        ended = (live["ep_return"] * done, live["ep_length"] * done, done & info["success"], done & info["exception"],
-                 done & info["time_out"], done)
-        bad_env = info["nonfinite_obs"].sum() + info.get("nonfinite_reward", bad_obs.new_zeros(())).sum()
-        for key, value in zip(stats, ended + (bad_obs, bad_reward, bad_state, bad_env)):  # in order
-            stats[key] += value.sum()
-        live["ep_return"], live["ep_length"] = live["ep_return"] * ~done, live["ep_length"] * ~done
+            # Bootstrap from the state the env had before its auto-reset, not from the new episode's first state.
+            buf.truncated[step] = truncated.float()
+            final_input, _ = build_critic_input(args, sanitize(info["final_obs"])[0], lambda: info["final_scene"])
+            buf.final_values[step] = m.critic(final_input) * truncated
+        carry.critic_input, bad_state = build_critic_input(args, carry.obs, env.scene)
+        carry.ep_return += team_reward
+        carry.ep_length += info["env_steps"]
+        ended = {"count": done, "return": carry.ep_return * done, "length": carry.ep_length * done,
+                 "success": done & info["success"], "exception": done & info["exception"],
+                 "time_out": done & info["time_out"]}
+        nonfinite = {"obs": bad_obs, "reward": bad_reward, "state": bad_state,
+                     "env": info["nonfinite_obs"].sum() + info.get("nonfinite_reward", bad_obs.new_zeros(())).sum()}
+        for name, value in ended.items():
+            stats[f"episodes/{name}"] = stats[f"episodes/{name}"] + value.sum()
+        for name, value in nonfinite.items():
+            stats[f"diagnostics/nonfinite_{name}"] = stats[f"diagnostics/nonfinite_{name}"] + value
+        carry.ep_return, carry.ep_length = carry.ep_return * ~done, carry.ep_length * ~done
         for name, value in info["reward_terms"].items():
-            stats[f"rewards/{name}"] = stats.get(f"rewards/{name}", 0.0) + value.sum()
-    buf["next_value"] = m.critic(live["input"])
+            stats[f"rewards/{name}"] = stats.get(f"rewards/{name}", zero) + value.sum()
+    buf.next_value = m.critic(carry.critic_input)
     return stats
 
 
-def iteration_scalars(args: Args, m: Models, stats: dict, buf, advantages, returns, update: dict) -> Dict[str, float]:
+@dataclass
+class UpdateResult:
+    actor_stats: Dict[int, Dict[str, float]]  # agent id -> {stat: mean over the agent's Adam steps}
+    factors: Dict[int, torch.Tensor]  # agent id -> the factor it trained with, [B]
+    value_loss: float
+    critic_grad_norm: float
+
+
+def iteration_scalars(args: Args, m: Models, stats: dict, buf: Storage, advantages, returns,
+                      update: UpdateResult) -> Dict[str, float]:
     """This iteration's scalars: counts and reward terms summed over ranks, the rest averaged; two transfers."""
     # The values as GAE used them (returns = advantages + values), not re-denormalized after this update's ValueNorm
     # step: explained variance = 1 - Var(advantages) / Var(returns).
-    raw_values = returns - advantages
     (returns_mean, returns_std), advantages_std = mean_std(returns), mean_std(advantages)[1]
     vn_mean, vn_var = m.value_norm.mean_var()
     means = {"losses/explained_variance": 1.0 - advantages_std**2 / (returns_std**2).clamp(min=1e-8),
-             "losses/value_loss": update["value_loss"], "losses/critic_grad_norm": update["critic_grad_norm"],
+             "losses/value_loss": update.value_loss, "losses/critic_grad_norm": update.critic_grad_norm,
              "diagnostics/returns_mean": returns_mean, "diagnostics/returns_std": returns_std,
-             "diagnostics/values_mean": raw_values.mean(), "diagnostics/rewards_mean": buf["rewards"].mean(),
+             "diagnostics/values_mean": (returns - advantages).mean(), "diagnostics/rewards_mean": buf.rewards.mean(),
              "diagnostics/advantages_std": advantages_std, "diagnostics/value_norm_mean": vn_mean[0],
              "diagnostics/value_norm_std": vn_var[0].sqrt(),
              "charts/learning_rate": m.actor_optimizers[0].param_groups[0]["lr"],
              "charts/critic_learning_rate": m.critic_optimizer.param_groups[0]["lr"]}
-    for agent, agent_stats in update["actor_stats"].items():  # keyed by agent id, not update position (HARL's bug)
-        f = update["factors"][agent]  # min and max: the mean over ranks of each rank's extreme
+    for agent, agent_stats in update.actor_stats.items():  # keyed by agent id, not update position (HARL's bug)
+        f = update.factors[agent]  # min and max: the mean over ranks of each rank's extreme
         agent_stats.update(factor_mean=f.mean(), factor_std=f.std(), factor_min=f.min(), factor_max=f.max())
         means.update({f"agent{agent}/{key}": value for key, value in agent_stats.items()})
     scalars = {}
     for group, reduce in ((stats, all_sum), (means, all_mean)):
         values = torch.stack([torch.as_tensor(v, device=returns.device).float().reshape(()) for v in group.values()])
         scalars.update(zip(group, reduce(values).tolist()))
-    count, ended = scalars.pop("episodes/count"), {name: scalars.pop(f"episodes/{name}") for name in EPISODE_STATS[:-1]}
-    if count > 0:  # episode lengths in env steps
-        scalars.update({"charts/episodes": count, **{f"charts/{key}": ended[name] / count for name, key in (
-            ("return", "episodic_return"), ("length", "episodic_length"), ("success", "success_rate"),
-            ("exception", "exception_rate"), ("time_out", "time_out_rate"))}})
+    ended = {name: scalars.pop(f"episodes/{name}") for name in EPISODE_STATS}
+    if ended["count"] > 0:  # episode lengths in env steps
+        scalars.update({"charts/episodes": ended["count"], "charts/episodic_return": ended["return"] / ended["count"],
+                        "charts/episodic_length": ended["length"] / ended["count"],
+                        "charts/success_rate": ended["success"] / ended["count"],
+                        "charts/exception_rate": ended["exception"] / ended["count"],
+                        "charts/time_out_rate": ended["time_out"] / ended["count"]})
     for name in [k for k in scalars if k.startswith("rewards/")]:  # per env step of one env
         scalars[name] /= args.num_steps * args.num_envs * args.action_repeat * world_size()
     return scalars
@@ -398,7 +450,22 @@ def iteration_scalars(args: Args, m: Models, stats: dict, buf, advantages, retur
 # -- training --------------------------------------------------------------------------------------------------
 
 
-def start_run(args: Args) -> SimpleNamespace:
+@dataclass
+class Run:
+    """Everything a run holds between iterations."""
+
+    env: ActionRepeat
+    m: Models
+    buf: Storage
+    carry: Carry
+    num_iterations: int
+    per_iteration: int  # env steps of all ranks per iteration
+    start_iteration: int = 1
+    global_step: int = 0
+    folder: Optional[RunFolder] = None  # rank 0: the run folder (locked), its writer, whether it continues a run
+
+
+def start_run(args: Args) -> Run:
     """Everything a run needs before its first iteration: processes, envs, models, storage, the checkpoint it resumes
     from and its run folder (rank 0)."""
     device = init_distributed(args.cuda, args.dist_backend)
@@ -417,36 +484,44 @@ def start_run(args: Args) -> SimpleNamespace:
     m = build_models(args, env, device)
     for model in m.actors + [m.critic]:
         broadcast_module(model)
-    live = {"obs": env.reset(), "ep_return": torch.zeros(args.num_envs, device=device),
-            "ep_length": torch.zeros(args.num_envs, device=device)}
+    obs, ep_return = env.reset(), torch.zeros(args.num_envs, device=device)
+    ep_length = torch.zeros(args.num_envs, device=device)
     if args.random_episode_start:
         env.randomize_episode_start()
-    run = SimpleNamespace(env=env, m=m, live=live, start_iteration=1, global_step=0, num_iterations=num_iterations,
-                          per_iteration=per_iteration, run_dir="", continuing=False, writer=None)
+    run = Run(env, m, Storage.zeros(args.num_steps, env, m.critic_input_dim, device), None, num_iterations,
+              per_iteration)
     if checkpoint is not None:
-        restore(m, checkpoint, rank(), env, live)
+        restored = restore(m, checkpoint, rank(), env)
+        if restored is not None:  # the env's own state (vmas); MQE restarts its episodes
+            obs, ep_return, ep_length = restored
         run.start_iteration, run.global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-    live["obs"] = sanitize(live["obs"])[0]
-    live["input"], _ = critic_input(args, live["obs"], env.scene)
-    run.buf = make_storage(args, env, m.critic.trunk[0].normalized_shape[0], device)
-    if rank() == 0:  # the run folder, TensorBoard (W&B) and the start-up line
-        run.run_dir, run.continuing, run.writer = open_run({**args_dict(args), "world_size": world_size()}, checkpoint,
-                                                           run.global_step, num_iterations, device)
+    obs = sanitize(obs)[0]
+    run.carry = Carry(obs, build_critic_input(args, obs, env.scene)[0], ep_return, ep_length)
+    # Rank 0 opens (and locks) the run folder, TensorBoard (W&B) and prints the start-up line; a refusal stops all.
+    opened = open_run({**args_dict(args), "world_size": world_size()}, checkpoint, run.global_step, num_iterations,
+                      device) if rank() == 0 else None
+    problem = broadcast(opened if isinstance(opened, str) else None)
+    if problem is not None:
+        raise UsageError(problem)
+    run.folder = opened
     return run
 
 
 def train(args: Args) -> str:
     """Train with `args`; returns the path of the final checkpoint (on rank 0; "" on the other ranks)."""
     run = start_run(args)
-    env, m, buf, live, global_step = run.env, run.m, run.buf, run.live, run.global_step
+    env, m, buf, carry, global_step, folder = run.env, run.m, run.buf, run.carry, run.global_step, run.folder
 
     def save(state: dict) -> str:  # every rank calls it: rank 0 writes every rank's own part (RNG, envs)
         ranks = gather(state["local"])
-        return save_checkpoint(state, ranks, run.run_dir) if rank() == 0 else ""
+        return save_checkpoint(state, ranks, folder.path) if folder is not None else ""
+
+    def take_snapshot(iteration: int) -> dict:
+        return snapshot(m, iteration, global_step, args_dict(args), env, carry.ep_return, carry.ep_length)
 
     stop, progress = StopRequest(), Progress(args.log_interval, run.num_iterations, run.start_iteration, global_step)
-    last_good = snapshot(m, run.start_iteration - 1, global_step, args_dict(args), env, live)
-    path = args.resume if run.continuing else ""
+    last_good = take_snapshot(run.start_iteration - 1)
+    path = args.resume if folder is not None and folder.continuing else ""
     try:
         for iteration in range(run.start_iteration, run.num_iterations + 1):
             if args.anneal_lr:
@@ -454,48 +529,46 @@ def train(args: Args) -> str:
                 for optimizer in m.actor_optimizers:
                     optimizer.param_groups[0]["lr"] = frac * args.learning_rate
                 m.critic_optimizer.param_groups[0]["lr"] = frac * args.critic_lr
-            stats = rollout(args, env, m, buf, live, stop)
+            stats = rollout(args, env, m, buf, carry, stop)
             if stats is None:  # stopped: the last consistent state is the previous iteration's
                 break
             global_step += run.per_iteration
-            advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["next_value"], buf["dones"],
-                                              buf["truncated"], buf["final_values"], args.gamma, args.gae_lambda,
-                                              m.value_norm.denormalize)
-            try:  # HAPPO: the actors in a fresh random order, each against the factor of those before it; the critic
-                order = shared_randperm(len(m.actors), "cpu").tolist()
+            advantages, returns = compute_gae(buf.rewards, buf.values, buf.next_value, buf.dones, buf.truncated,
+                                              buf.final_values, args.gamma, args.gae_lambda, m.value_norm.denormalize)
+            try:  # the actors in turn (HAPPO), then the critic
                 actor_stats, factors = happo_actor_update(
-                    m.actors, m.actor_optimizers, buf["obs"].flatten(0, 1), buf["actions"].flatten(0, 1),
-                    buf["logprobs"].flatten(0, 1), advantages.flatten(), order, args)
+                    m.actors, m.actor_optimizers, buf.obs.flatten(0, 1), buf.actions.flatten(0, 1),
+                    buf.logprobs.flatten(0, 1), advantages.flatten(), args)
                 value_loss, grad_norm = critic_update(m.critic, m.critic_optimizer, m.value_norm,
-                                                      buf["critic_inputs"].flatten(0, 1), buf["values"].flatten(),
+                                                      buf.critic_inputs.flatten(0, 1), buf.values.flatten(),
                                                       returns.flatten(), args)
             except NonFiniteLoss as err:  # raised on every rank at the same step
                 path = save(last_good)
                 raise SystemExit(f"non-finite {err} at iteration {iteration}; stopped. The last good checkpoint "
                                  f"(iteration {last_good['iteration']}) is {path}" if rank() == 0 else 1) from None
-            update = dict(actor_stats=actor_stats, factors=factors, value_loss=value_loss, critic_grad_norm=grad_norm)
+            update = UpdateResult(actor_stats, factors, value_loss, grad_norm)
             scalars = {**iteration_scalars(args, m, stats, buf, advantages, returns, update),
                        "charts/SPS": progress.sps(global_step)}
-            if run.writer is not None:  # rank 0
+            if folder is not None:  # rank 0
                 for key, value in scalars.items():
-                    run.writer.add_scalar(key, value, global_step)
+                    folder.writer.add_scalar(key, value, global_step)
                 progress.line(iteration, global_step, scalars)
-            last_good = snapshot(m, iteration, global_step, args_dict(args), env, live)
+            last_good = take_snapshot(iteration)
             if iteration % args.save_interval == 0 or iteration == run.num_iterations:
                 path = save(last_good)
             if agreed(stop.signum):
                 break
         signum = agreed(stop.signum)
+        if signum and last_good["iteration"] < run.num_iterations:  # SIGINT/SIGTERM: save the last consistent state
+            path = save(last_good)
+            if folder is not None:
+                report_stop(signum, path, last_good["iteration"], run.num_iterations,
+                            {**args_dict(args), "resume": path}, args_dict(Args()), world_size())
+            raise SystemExit(128 + signum)
     finally:
         stop.restore()
-        if run.writer is not None:
-            run.writer.close()
-    if signum and last_good["iteration"] < run.num_iterations:  # SIGINT/SIGTERM: save the last consistent state
-        path = save(last_good)
-        if rank() == 0:
-            report_stop(signum, path, last_good["iteration"], run.num_iterations, {**args_dict(args), "resume": path},
-                        args_dict(Args()), world_size())
-        raise SystemExit(128 + signum)
+        if folder is not None:
+            folder.close()  # the writer, then the lock
     return path
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import math
 import os
 import signal
+import socket
 import threading
 import time
 import typing
@@ -75,6 +77,8 @@ def check_args(args):
     for name in ("hidden_sizes", "critic_hidden_sizes"):
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             raise UsageError(f"{flag(name)} needs one or more positive layer sizes, got {getattr(args, name)}")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name or ".." in args.exp_name:
+        raise UsageError(f"--exp-name names a run, not a path: no '/', '{os.sep}' or '..', got {args.exp_name!r}")
     if args.resume is not None and args.eval_checkpoint is not None:
         raise UsageError("--resume and --eval-checkpoint exclude each other")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count: --num-envs is per process
@@ -127,29 +131,61 @@ def checkpoint_iterations(run_dir: str) -> List[int]:
     return sorted(int(n) for n in numbers if n.isdigit())
 
 
-def open_run_dir(name: str, resume: Optional[str], checkpoint: Optional[dict]) -> Tuple[str, bool]:
-    """(run folder, whether it continues the checkpoint's run).
+class RunFolder:
+    """Rank 0's run folder while it trains: `path`, whether it `continuing` a run, and its TensorBoard `writer`.
 
-    From a run's newest checkpoint the run continues in its folder (later checkpoints get higher numbers, so nothing
-    is overwritten); any other start gets a new folder, created exclusively, named `name` plus a time stamp with
-    microseconds and the process id. A branch records its parent checkpoint and its hash in `parent.txt`.
-    """
+    One process writes a run folder at a time: it holds an exclusive OS lock (flock) on `<path>/.lock`, which the
+    kernel releases when the process ends, however it ends (a SIGKILLed run never blocks a later resume)."""
+
+    def __init__(self, path: str, continuing: bool, lock_fd: int):
+        self.path, self.continuing, self.lock_fd, self.writer = path, continuing, lock_fd, None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        os.close(self.lock_fd)  # releases the lock
+
+
+def lock_folder(folder: str) -> int:
+    """Take the run folder's lock (the open file descriptor holds it), or a UsageError naming the holder."""
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(f"{folder} is being written by {holder}; one process writes a run at a time: wait for it to "
+                         f"end, or resume from an older checkpoint to start a branch") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def open_run_dir(name: str, resume: Optional[str], checkpoint: Optional[dict]) -> RunFolder:
+    """The run folder, locked. From a run's newest checkpoint the run continues in its folder (later checkpoints get
+    higher numbers, so nothing is overwritten); any other start gets a new folder, created exclusively, named `name`
+    plus a time stamp with microseconds and the process id. A branch records its parent checkpoint and its hash in
+    `parent.txt`."""
     if checkpoint is not None:
         folder = os.path.dirname(os.path.abspath(resume))
         iteration = checkpoint["iteration"]
         if (os.path.basename(folder) == checkpoint["run_name"] and checkpoint_iterations(folder)[-1] == iteration
                 and os.path.basename(resume) == f"checkpoint_{iteration}.pt"):
-            return os.path.relpath(folder), True
+            fd = lock_folder(folder)  # refused while another process writes this run
+            if checkpoint_iterations(folder)[-1] == iteration:  # still the newest now that no one else writes
+                return RunFolder(os.path.relpath(folder), True, fd)
+            os.close(fd)
     now = time.time()
     stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}-{os.getpid()}"
     run_dir = os.path.join("runs", f"{name}__{stamp}")
     os.makedirs(run_dir, exist_ok=False)
+    folder = RunFolder(run_dir, False, lock_folder(run_dir))
     if checkpoint is not None:
         with open(resume, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         with open(os.path.join(run_dir, "parent.txt"), "w") as f:
             f.write(f"branched from {os.path.abspath(resume)} (iteration {checkpoint['iteration']}, sha256 {digest})\n")
-    return run_dir, False
+    return folder
 
 
 def atomic_save(state: dict, path: str) -> str:
@@ -223,22 +259,24 @@ def resume_problem(path: str, current: dict, free: Sequence[str], world: int, nu
     return checkpoint
 
 
-def snapshot(models, iteration: int, global_step: int, flags: dict, env, live: dict) -> dict:
+def snapshot(models, iteration: int, global_step: int, flags: dict, env, ep_return: torch.Tensor,
+             ep_length: torch.Tensor) -> dict:
     """Everything needed to continue a run exactly, cloned so that later updates leave it alone. "local" is this
-    rank's own part (RNG, envs, episode accumulators); the rest is the same on every rank."""
+    rank's own part (RNG, envs, each env's episode so far); the rest is the same on every rank."""
     return copy.deepcopy({
         "actors": [a.state_dict() for a in models.actors], "critic": models.critic.state_dict(),
         "actor_optimizers": [o.state_dict() for o in models.actor_optimizers],
         "critic_optimizer": models.critic_optimizer.state_dict(), "value_norm": models.value_norm.state_dict(),
         "iteration": iteration, "global_step": global_step, "args": flags,
         "local": {"rng": {"torch": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state() if live["ep_return"].is_cuda else None},
+                          "cuda": torch.cuda.get_rng_state() if ep_return.is_cuda else None},
                   "env": env.state_dict() if hasattr(env, "state_dict") else None,
-                  "episode": {"return": live["ep_return"], "length": live["ep_length"]}}})
+                  "episode": {"return": ep_return, "length": ep_length}}})
 
 
-def restore(models, checkpoint: dict, rank: int, env, live: dict) -> None:
-    """Load a snapshot's state into the models, this rank's RNG and (where the env can) its envs and `live`."""
+def restore(models, checkpoint: dict, rank: int, env) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Load a snapshot's state into the models, this rank's RNG and (where the env can) its envs. Returns the
+    restored (observation, episode returns, episode lengths), or None where the env cannot be restored (MQE)."""
     for module, state in zip(models.actors + models.actor_optimizers,
                              checkpoint["actors"] + checkpoint["actor_optimizers"]):
         module.load_state_dict(state)
@@ -247,11 +285,13 @@ def restore(models, checkpoint: dict, rank: int, env, live: dict) -> None:
     models.value_norm.load_state_dict(checkpoint["value_norm"])
     own = checkpoint["ranks"][rank]
     torch.set_rng_state(own["rng"]["torch"].cpu())
-    if own["rng"]["cuda"] is not None and live["ep_return"].is_cuda:
+    device = models.value_norm.running_mean.device
+    if own["rng"]["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
-    if own["env"] is not None and hasattr(env, "load_state_dict"):  # else (MQE) the simulator restarts its episodes
-        live["obs"] = env.load_state_dict(own["env"])
-        live["ep_return"], live["ep_length"] = (own["episode"][k].to(live["obs"].device) for k in ("return", "length"))
+    if own["env"] is None or not hasattr(env, "load_state_dict"):  # MQE: the simulator restarts its episodes
+        return None
+    obs = env.load_state_dict(own["env"])
+    return obs, own["episode"]["return"].to(obs.device), own["episode"]["length"].to(obs.device)
 
 
 def open_writer(flags: dict, run_dir: str, continuing: bool, global_step: int, track: bool, project: str):
@@ -272,16 +312,21 @@ def open_writer(flags: dict, run_dir: str, continuing: bool, global_step: int, t
 
 
 def open_run(flags: dict, checkpoint: Optional[dict], global_step: int, num_iterations: int, device):
-    """Rank 0's side of a run: its folder, the writer, and one line that says what runs where."""
+    """Rank 0's side of a run: its folder (locked), the writer, and one line that says what runs where. Returns the
+    RunFolder, or why the run cannot start, in one line (so that every rank can stop)."""
     name = f"mapush_{flags['env_backend']}__{flags['exp_name']}__{flags['seed']}"
-    run_dir, continuing = open_run_dir(name, flags["resume"], checkpoint)
-    writer = open_writer(flags, run_dir, continuing, global_step, flags["track"], flags["wandb_project_name"])
+    try:
+        folder = open_run_dir(name, flags["resume"], checkpoint)
+    except UsageError as err:
+        return str(err)
+    folder.writer = open_writer(flags, folder.path, folder.continuing, global_step, flags["track"],
+                                flags["wandb_project_name"])
     first = checkpoint["iteration"] + 1 if checkpoint is not None else 1
     print(f"training: {flags['world_size']} process(es) on {device}, {flags['num_envs']} envs x {flags['num_steps']} "
           f"decisions x {flags['action_repeat']} env steps per iteration and process, iterations {first}-"
-          f"{num_iterations}, run folder {run_dir}{' (continued)' if continuing else ''}\n  then: python "
-          f"happo_mapush.py --eval-checkpoint {run_dir}/checkpoint_{num_iterations}.pt", flush=True)
-    return run_dir, continuing, writer
+          f"{num_iterations}, run folder {folder.path}{' (continued)' if folder.continuing else ''}\n  then: python "
+          f"happo_mapush.py --eval-checkpoint {folder.path}/checkpoint_{num_iterations}.pt", flush=True)
+    return folder
 
 
 class Progress:

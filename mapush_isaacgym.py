@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from global_state import scene_from_mqe
-from mapush_env import EPISODE_STEPS, BackendUnavailable, Scene, check_actions
+from mapush_env import EPISODE_STEPS, TWO_PI, BackendUnavailable, Scene, check_actions
 
 ISAACGYM_HELP = (
     "the isaacgym backend needs Isaac Gym Preview 4 and MAPush (MQE), and importing them failed ({err}). "
@@ -44,6 +43,46 @@ def cuda_device(device) -> torch.device:
     return device
 
 
+def quat_to_yaw(quat_xyzw: torch.Tensor) -> torch.Tensor:
+    """Yaw in [0, 2*pi) of (x, y, z, w) quaternions, as isaacgym.torch_utils.get_euler_xyz computes it."""
+    x, y, z, w = quat_xyzw.unbind(-1)
+    yaw = torch.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+    return torch.remainder(yaw, TWO_PI)
+
+
+def quat_rotate_inverse(quat_xyzw: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """World-frame vectors v [..., 3] in the body frame of (x, y, z, w) quaternions (isaacgym.torch_utils'
+    quat_rotate_inverse, which MQE uses for its base velocities)."""
+    q, w = quat_xyzw[..., :3], quat_xyzw[..., 3:]
+    return v * (2.0 * w * w - 1.0) - torch.cross(q, v, dim=-1) * w * 2.0 + q * (q * v).sum(-1, keepdim=True) * 2.0
+
+
+def scene_from_mqe(wrapper: Any) -> Scene:
+    """A Scene from MQE's root-state buffers (Isaac Gym backend), all world frame: `root_states_npc` [E*2, 13] (box,
+    then target, per env) and `root_states` [E*A, 13] (the agents, env-major); rows are position, xyzw quaternion,
+    linear and angular velocity.
+
+    The agents come from `root_states`, not from `obs_buf`: on a step with an auto-reset MQE writes the new episode's
+    root states but has filled `base_quat`, `base_lin_vel` and `base_ang_vel` (and so obs_buf's yaw and velocities)
+    before the reset, so obs_buf mixes the new episode's positions with the old episode's yaw and velocities.
+    """
+    env = getattr(wrapper, "env", wrapper)
+    num_envs, num_agents = env.num_envs, env.num_agents
+    origins_xy = env.env_origins[:, :2]  # [E, 2] world position of each env's origin
+    npc = env.root_states_npc.reshape(num_envs, -1, 13)
+    # Fix: box and target come in the world frame; subtract env_origins so they share the agents' env-relative frame.
+    box_xy = npc[:, 0, 0:2] - origins_xy
+    target_xy = npc[:, 1, 0:2] - origins_xy
+    box_yaw = quat_to_yaw(npc[:, 0, 3:7])
+    agents = env.root_states.reshape(num_envs, num_agents, 13)
+    agent_xy = agents[..., 0:2] - origins_xy.unsqueeze(1)
+    quat = agents[..., 3:7]
+    # Fix: include the agents' body-frame velocities (MQE's base_lin_vel / base_ang_vel, unscaled).
+    lin_vel = quat_rotate_inverse(quat, agents[..., 7:10])[..., 0:2]
+    ang_vel = quat_rotate_inverse(quat, agents[..., 10:13])[..., 2]
+    return Scene(box_xy, box_yaw, target_xy, agent_xy, quat_to_yaw(quat), lin_vel, ang_vel)
+
+
 class IsaacGymPushEnv:
     """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with the contract of `mapush_env`.
 
@@ -58,7 +97,7 @@ class IsaacGymPushEnv:
       The adapter zeroes such rewards (info["nonfinite_reward"] counts the entries) and sets the env's
       `value_exception_buf`, so MQE resets it on the next step; that step ends the episode as an exception, with
       MQE's exception punishment for every agent.
-    - Scene: from MQE's root states, which hold the new episode after an auto-reset (`global_state.scene_from_mqe`).
+    - Scene: from MQE's root states, which hold the new episode after an auto-reset (`scene_from_mqe`).
       The agents' own observations keep MQE's quirk: on a reset step they mix the new positions with the old yaw.
     - Working directory: MQE loads its locomotion policy and actuator net by cwd-relative paths (go1_config.py) and
       its helpers put cwd-relative folders on sys.path when imported. Given `mapush_root` (default: $MAPUSH_ROOT),

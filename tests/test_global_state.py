@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from global_state import build_global_state, global_state_dim, quat_to_yaw, scene_from_mqe
+from global_state import build_global_state, global_state_dim
+from mapush_isaacgym import quat_to_yaw, scene_from_mqe
 from mapush_env import Scene
 
 

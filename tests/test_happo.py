@@ -7,6 +7,7 @@ import torch
 import happo_mapush as H
 import mapush_env as M
 from mapush_env import make_env
+from global_state import build_global_state
 from value_norm import ValueNorm
 
 
@@ -61,36 +62,54 @@ def actors_and_batch(num_agents=3, batch=96, seed=0):
     return actors, obs, actions, logprobs, advantages
 
 
+def update_order(stats) -> list:
+    """The agent order `happo_actor_update` drew, read back from each agent's logged update position."""
+    return sorted(stats, key=lambda agent: stats[agent]["update_position"])
+
+
 def test_factor_is_product_of_previous_agents_ratios_after_their_updates():
     actors, obs, actions, logprobs, advantages = actors_and_batch()
     optimizers = [torch.optim.Adam(a.parameters(), lr=3e-2, eps=1e-5) for a in actors]
     args = make_args(ppo_epochs=3, actor_num_minibatches=2)
-    order = [2, 0, 1]
-    stats, factors = H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, order, args)
+    torch.manual_seed(3)
+    expected_order = torch.randperm(3).tolist()  # the update draws its order first, from the global generator
+    torch.manual_seed(3)
+    stats, factors = H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, args)
+    first, second, third = order = update_order(stats)
+    assert order == expected_order and [stats[i]["update_position"] for i in order] == [0.0, 1.0, 2.0]
     with torch.no_grad():  # each actor's joint ratio with its final (post-update) parameters
         ratio = {i: (actors[i].dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) - logprobs[:, i]).exp()
                  for i in range(3)}
-    assert (ratio[2] - 1).abs().max() > 1e-2 and (ratio[0] - 1).abs().max() > 1e-2  # the updates did something
-    assert torch.equal(factors[2], torch.ones(96))  # the first agent in the order
-    assert torch.allclose(factors[0], ratio[2], rtol=1e-5)
-    assert torch.allclose(factors[1], ratio[2] * ratio[0], rtol=1e-5)
-    assert [stats[i]["update_position"] for i in (2, 0, 1)] == [0.0, 1.0, 2.0]
-    assert not factors[1].requires_grad
+    assert (ratio[first] - 1).abs().max() > 1e-2 and (ratio[second] - 1).abs().max() > 1e-2  # the updates acted
+    assert torch.equal(factors[first], torch.ones(96))  # the first agent in the order
+    assert torch.allclose(factors[second], ratio[first], rtol=1e-5)
+    assert torch.allclose(factors[third], ratio[first] * ratio[second], rtol=1e-5)
+    assert not factors[third].requires_grad
+
+
+def test_the_order_is_fresh_every_call():
+    actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=4)
+    optimizers = [torch.optim.SGD(a.parameters(), lr=0.0) for a in actors]
+    orders = {tuple(update_order(H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages,
+                                                       make_args(ppo_epochs=1))[0])) for _ in range(12)}
+    assert len(orders) > 1
 
 
 def test_factor_changes_the_update():
-    # Agent 1 trains against a factor that is not 1, so its result differs from a simultaneous (factor 1) update.
+    # The second agent trains against a factor that is not 1, so its result differs from a simultaneous update.
     results = []
     for sequential in (True, False):
         actors, obs, actions, logprobs, advantages = actors_and_batch()
         optimizers = [torch.optim.Adam(a.parameters(), lr=3e-2, eps=1e-5) for a in actors]
         torch.manual_seed(1)
-        _, factors = H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, [0, 1, 2],
-                                          make_args(sequential=sequential))
-        results.append((factors, copy.deepcopy(actors[1].state_dict())))
-    (seq_factors, seq_params), (sim_factors, sim_params) = results
+        stats, factors = H.happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages,
+                                              make_args(sequential=sequential))
+        second = update_order(stats)[1]
+        results.append((factors, second, copy.deepcopy(actors[second].state_dict())))
+    (seq_factors, second, seq_params), (sim_factors, sim_second, sim_params) = results
+    assert second == sim_second  # the same seed draws the same order
     assert all(torch.equal(f, torch.ones(96)) for f in sim_factors.values())
-    assert not torch.allclose(seq_factors[1], torch.ones(96))
+    assert not torch.allclose(seq_factors[second], torch.ones(96))
     assert not torch.allclose(seq_params["mean.weight"], sim_params["mean.weight"])
 
 
@@ -106,7 +125,7 @@ def test_actor_loss_matches_hand_computed_clipped_objective():
     norm_adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-5)
     expected = -torch.min(r * norm_adv, r.clamp(0.8, 1.2) * norm_adv).mean()
     opt = torch.optim.SGD(actor.parameters(), lr=0.0)  # the loss is logged before the (no-op) step
-    stats, _ = H.happo_actor_update([actor], [opt], obs, actions, old.unsqueeze(1), adv, [0],
+    stats, _ = H.happo_actor_update([actor], [opt], obs, actions, old.unsqueeze(1), adv,
                                     make_args(ppo_epochs=1, ent_coef=0.0))
     assert stats[0]["policy_loss"] == pytest.approx(expected.item(), abs=1e-6)
     assert stats[0]["ratio"] == pytest.approx(r.mean().item(), abs=1e-6)
@@ -169,12 +188,14 @@ def test_critic_input_width(critic_input, width):
     args = make_args(critic_input=critic_input)
     env = make_env("vmas", num_envs=4, seed=0)
     obs = env.reset()
-    critic = H.build_models(args, env, torch.device("cpu")).critic
-    assert critic.trunk[0].normalized_shape == (width,)
-    x, nonfinite = H.critic_input(args, obs, env.scene)
+    models = H.build_models(args, env, torch.device("cpu"))
+    assert models.critic_input_dim == width and models.critic.trunk[0].normalized_shape == (width,)
+    x, nonfinite = H.build_critic_input(args, obs, env.scene)
     assert x.shape == (4, width) and nonfinite.item() == 0
     if critic_input == "agent0-obs":
         assert torch.equal(x, obs[:, 0])
+    else:  # the global state of the env's current scene, which agent 0's observation is not part of
+        assert torch.equal(x, build_global_state(env.scene())[0])
 
 
 def test_networks_follow_harl_initialisation():

@@ -201,6 +201,15 @@ def test_resume_allows_a_larger_budget_but_not_with_annealing(tmp_path):
     assert result.returncode == 2 and "nothing to train" in result.stderr and "checkpoint_2.pt" in result.stderr
 
 
+def main_in_process(monkeypatch, capsys, cwd, *flags):
+    """happo_mapush.main() with these flags in `cwd`, in this process: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["happo_mapush.py", *flags])
+    code = H.main()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
     (["--gae-lambda", "2"], "--gae-lambda must be in (0, 1]"),
@@ -218,14 +227,58 @@ def test_resume_allows_a_larger_budget_but_not_with_annealing(tmp_path):
     (["--total-timesteps", "100"], "below one iteration"),
     (["--resume", "missing.pt"], "checkpoint not found: missing.pt"),
 ])
-def test_nonsense_flags_get_a_one_line_error(tmp_path, flags, message):
+def test_nonsense_flags_get_a_one_line_error(tmp_path, monkeypatch, capsys, flags, message):
     argv = list(TINY)
     if "--actor-num-minibatches" in flags:
         argv[argv.index("--num-envs") + 1] = "10"
-    result = run(tmp_path, *argv, "--total-timesteps", "3840", *flags)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr and not os.path.exists(tmp_path / "runs")
+    code, _, err = main_in_process(monkeypatch, capsys, tmp_path, *argv, "--total-timesteps", "3840", *flags)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("name", ["a/b", "../../x", "..", "x..y", ""])
+def test_an_exp_name_that_is_a_path_is_refused(tmp_path, monkeypatch, capsys, name):
+    code, _, err = main_in_process(monkeypatch, capsys, tmp_path, *SIX, "--exp-name", name)
+    assert code == 2 and err.startswith("error: --exp-name names a run, not a path") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "runs") and not os.listdir(tmp_path)
+
+
+def test_a_second_process_on_the_same_run_is_refused_and_the_first_is_unharmed(tmp_path, monkeypatch, capsys,
+                                                                              reference):
+    result = run(tmp_path, *TINY, "--total-timesteps", "1280", "--save-interval", "2")  # 2 iterations
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    newest = os.path.join(run_dir, "checkpoint_2.pt")
+    resume = [*SIX, "--save-interval", "2", "--resume", newest]
+    first = start(tmp_path, *resume, HOOK_STEP_DELAY=0.03)  # about 2.4 s an iteration: it saves at 4 and 6
+    wait_for(first, "iter 3/6")
+    code, _, err = main_in_process(monkeypatch, capsys, tmp_path, *resume)  # e.g. a requeued copy of the same job
+    assert first.poll() is None, "the first process ended before the second one tried"
+    assert code == 2 and err.count("\n") == 1 and f"is being written by process {first.pid} on " in err, err
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert run_dirs(tmp_path) == [run_dir]  # the refused process made no folder
+    assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pt")) == [f"checkpoint_{i}.pt" for i in (2, 4, 6)]
+    assert same(params(os.path.join(run_dir, "checkpoint_6.pt")), params(os.path.join(reference[1], "checkpoint_6.pt")))
+    events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    assert len(events) == 2  # the first run's and its one continuation's, none of the refused process
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block_the_resume(tmp_path, reference):
+    proc = start(tmp_path, *SIX, "--save-interval", "1", HOOK_STEP_DELAY=0.01)
+    wait_for(proc, "iter 3/6")
+    proc.kill()  # SIGKILL: no handler runs, the lock file stays behind
+    proc.wait(timeout=30)
+    (run_dir,) = run_dirs(tmp_path)
+    with open(os.path.join(run_dir, ".lock")) as f:
+        assert f.read().startswith(f"process {proc.pid} on ")
+    newest = max(int(n[len("checkpoint_"):-3]) for n in os.listdir(run_dir) if n.startswith("checkpoint_"))
+    result = run(tmp_path, *SIX, "--save-interval", "1", "--resume",
+                 os.path.join(run_dir, f"checkpoint_{newest}.pt"))
+    assert result.returncode == 0 and "(continued)" in result.stdout, result.stderr
+    assert run_dirs(tmp_path) == [run_dir]
+    assert same(params(os.path.join(run_dir, "checkpoint_6.pt")), params(os.path.join(reference[1], "checkpoint_6.pt")))
 
 
 def test_a_resume_of_a_finished_run_says_so(reference):

@@ -75,3 +75,13 @@ def test_state_dict_keeps_statistics_on_cuda():
     restored = ValueNorm()
     restored.load_state_dict({k: v.cpu() for k, v in state.items()})
     assert restored.mean_var()[0].item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_statistics_are_registered_on_a_device_other_than_the_cpu():
+    # HARL's `nn.Parameter(...).to(device)` is a plain, unregistered tensor on any device but the CPU, so its
+    # state_dict loses the statistics on CUDA. The "meta" device shows the same on a machine without a GPU.
+    vn = ValueNorm(device="meta")
+    state = vn.state_dict()
+    assert {"running_mean", "running_mean_sq", "debiasing_term", "num_updates"} <= set(state)
+    assert all(t.device.type == "meta" for t in state.values())
+    assert not list(vn.parameters())  # buffers: no optimizer ever touches them
