@@ -46,6 +46,8 @@ class Args:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """the torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)"""
 
+    task: Literal["cuboid", "tblock", "cylinder"] = "cuboid"
+    """MAPush's mid-level task: a 1.2 m box and a T-block with 2 agents, a 3 m cylinder with 3"""
     env_backend: Literal["vmas", "isaacgym"] = "vmas"
     """the MAPush backend: `vmas` (embedded, any machine) or `isaacgym` (MAPush/MQE, CUDA, Python 3.8)"""
     num_envs: int = 512
@@ -98,6 +100,8 @@ class Args:
     """when ValueNorm is updated: `once` per iteration on all returns (the fix) or `per-minibatch` (HARL upstream)"""
     sequential: bool = True
     """if toggled, HAPPO's sequential update with the factor; `--no-sequential` sets the factor to 1"""
+    share_actor: bool = False
+    """if toggled, one actor and one Adam for all agents (HARL's share_param); with `--no-sequential` that is MAPPO"""
 
     log_interval: int = 5
     """print a progress line every this many iterations (TensorBoard gets every iteration)"""
@@ -175,7 +179,7 @@ def build_critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.T
 
 @dataclass
 class Models:
-    actors: List[Actor]  # one per agent (HARL: no parameter sharing)
+    actors: List[Actor]  # one per agent (HARL's default), or one for all with --share-actor
     actor_optimizers: List[torch.optim.Optimizer]
     critic: Critic
     critic_optimizer: torch.optim.Optimizer
@@ -184,10 +188,11 @@ class Models:
 
 
 def build_models(args: Args, env, device) -> Models:
-    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes).to(device) for _ in range(env.num_agents)]
+    num_actors = 1 if args.share_actor else env.num_agents
+    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes).to(device) for _ in range(num_actors)]
     critic_input_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
     critic = Critic(critic_input_dim, args.critic_hidden_sizes).to(device)
-    # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor.
+    # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor network.
     return Models(actors, [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5) for a in actors], critic,
                   torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5), ValueNorm(device=device),
                   critic_input_dim)
@@ -216,48 +221,58 @@ def compute_gae(rewards, values, next_value, dones, truncated, final_values, gam
 
 
 def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, args: Args):
-    """HAPPO's actor update (Kuba et al., ICLR 2022; HARL's on_policy_ha_runner.train and happo.py) on flat batches:
-    obs [B, A, obs_dim], actions [B, A, act_dim], logprobs [B, A] (joint over action dims, from the rollout) and the
-    team advantages [B]. Returns ({agent id: {stat: value}}, {agent id: the factor it trained with, [B]}).
+    """The actors' update on flat batches: obs [B, A, obs_dim], actions [B, A, act_dim], logprobs [B, A] (joint over
+    action dims, from the rollout) and the team advantages [B]. Returns ({agent id: {stat: value}}, {agent id: the
+    factor it trained with, [B]}).
 
-    Why the factor: agent i maximizes the clipped surrogate of the *joint* policy change, given that the agents before
-    it in this iteration have already changed theirs. Their change enters as the factor, the product of their joint
-    ratios new/old on every sample; with it, each agent's update cannot undo the improvement of the ones before it
-    (the monotonic improvement guarantee), which simultaneous updates (factor 1, `--no-sequential`) lack. Why a fresh
-    random order every iteration: no agent is always first (always updated against factor 1) or always last.
+    HAPPO (Kuba et al., ICLR 2022; HARL's on_policy_ha_runner.train and happo.py), the default: the agents take turns
+    in a fresh random order, each maximizing its clipped surrogate weighted by the factor, the product over the agents
+    before it of their joint ratios new/old on every sample. Why the factor: each agent then improves the *joint*
+    policy given what the agents before it already changed, so no turn can undo the ones before it (the monotonic
+    improvement guarantee that simultaneous updates lack). Why the random order: no agent is always first (always
+    against factor 1) or always last. The other modes differ in two lines, `turns` and `actor`:
+    - `--no-sequential`: the factor stays 1 (simultaneous, independent updates);
+    - `--share-actor`: one actor for all agents (HARL's share_param); each turn updates it on that agent's samples;
+    - `--share-actor --no-sequential` is MAPPO: one turn on all agents' samples together (B x A per epoch).
     In one process the distributed helpers reduce to plain torch: `shared_randperm(n)` is `torch.randperm(n)`,
     `mean_std(x)` is `(x.mean(), x.std(unbiased=False))`, `sync_gradients` only checks that the loss is finite.
     """
     batch_size, num_agents = advantages.shape[0], obs.shape[1]
-    minibatch_size = batch_size // args.actor_num_minibatches
     order = shared_randperm(num_agents, "cpu").tolist()  # the same order on every rank
+    turns = [list(range(num_agents))] if args.share_actor and not args.sequential else [[agent] for agent in order]
     # EP advantage normalization: once over the whole batch (of all ranks), population std, not including the factor.
     mean, std = mean_std(advantages)
     advantages = (advantages - mean) / (std + 1e-5)
     factor = torch.ones(batch_size, device=advantages.device)
     stats: Dict[int, Dict[str, float]] = {}
     factors_used: Dict[int, torch.Tensor] = {}
-    for position, agent in enumerate(order):
-        actor, optimizer = actors[agent], optimizers[agent]
-        agent_obs, agent_actions, old_logprob = obs[:, agent], actions[:, agent], logprobs[:, agent]
-        factors_used[agent] = factor
+    for position, agents in enumerate(turns):
+        actor, optimizer = (actors[0], optimizers[0]) if args.share_actor else (actors[agents[0]], optimizers[agents[0]])
+        # This turn's samples, sample-major: [B * len(agents), ...]
+        turn_obs, turn_actions = obs[:, agents].flatten(0, 1), actions[:, agents].flatten(0, 1)
+        old_logprob = logprobs[:, agents].flatten()
+        turn_advantages, turn_factor = advantages.repeat_interleave(len(agents)), factor.repeat_interleave(len(agents))
+        size = turn_advantages.shape[0]
+        if args.share_actor and args.sequential:  # the factor takes this turn's change of the shared actor only
+            with torch.no_grad():
+                old_logprob_now = actor.dist(turn_obs).log_prob(turn_actions).sum(-1)
         sums = dict.fromkeys(("policy_loss", "entropy", "ratio", "clip_fraction", "approx_kl", "grad_norm"),
                              torch.zeros((), device=advantages.device))
         for _ in range(args.ppo_epochs):
-            perm = shared_randperm(batch_size, advantages.device)
-            for start in range(0, batch_size, minibatch_size):
-                idx = perm[start : start + minibatch_size]
-                policy = actor.dist(agent_obs[idx])
-                log_ratio = policy.log_prob(agent_actions[idx]).sum(-1) - old_logprob[idx]
+            perm = shared_randperm(size, advantages.device)
+            for start in range(0, size, size // args.actor_num_minibatches):
+                idx = perm[start : start + size // args.actor_num_minibatches]
+                policy = actor.dist(turn_obs[idx])
+                log_ratio = policy.log_prob(turn_actions[idx]).sum(-1) - old_logprob[idx]
                 ratio = log_ratio.exp()  # joint ratio: product over action dims
-                adv = advantages[idx]
+                adv = turn_advantages[idx]
                 surrogate = torch.min(ratio * adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * adv)
-                policy_loss = -(factor[idx] * surrogate).mean()
+                policy_loss = -(turn_factor[idx] * surrogate).mean()
                 entropy = policy.entropy().sum(-1).mean()
                 loss = policy_loss - args.ent_coef * entropy
                 optimizer.zero_grad()
                 loss.backward()
-                sync_gradients(actor, loss, f"agent {agent} policy loss")  # averaged over ranks
+                sync_gradients(actor, loss, f"agent {agents} policy loss")  # averaged over ranks
                 grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
                 optimizer.step()
                 with torch.no_grad():
@@ -265,14 +280,15 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
                                   "clip_fraction": ((ratio - 1.0).abs() > args.clip_coef).float().mean(),
                                   "approx_kl": ((ratio - 1) - log_ratio).mean(), "grad_norm": grad_norm}
                     sums = {name: sums[name] + value for name, value in step_stats.items()}
-        updates = args.ppo_epochs * args.actor_num_minibatches
-        stats[agent] = {name: (value / updates).item() for name, value in sums.items()}
-        stats[agent]["update_position"] = float(position)
+        means = (torch.stack(list(sums.values())) / (args.ppo_epochs * args.actor_num_minibatches)).tolist()
+        for agent in agents:
+            stats[agent] = {**dict(zip(sums, means)), "update_position": float(position)}
+            factors_used[agent] = factor
         if args.sequential:
             # The next agent's factor: this agent's joint ratio after its whole update, on the whole batch.
             with torch.no_grad():
-                new_logprob = actor.dist(agent_obs).log_prob(agent_actions).sum(-1)
-                factor = factor * (new_logprob - old_logprob).exp()
+                new_logprob = actor.dist(turn_obs).log_prob(turn_actions).sum(-1)
+                factor = factor * (new_logprob - (old_logprob_now if args.share_actor else old_logprob)).exp()
     return stats, factors_used
 
 
@@ -367,8 +383,8 @@ def rollout(args: Args, env, m: Models, buf: Storage, carry: Carry, stop: StopRe
             return None
         buf.obs[step], buf.critic_inputs[step] = carry.obs, carry.critic_input
         buf.values[step] = m.critic(carry.critic_input)
-        for i, actor in enumerate(m.actors):
-            policy = actor.dist(carry.obs[:, i])
+        for i in range(env.num_agents):
+            policy = m.actors[0 if args.share_actor else i].dist(carry.obs[:, i])
             buf.actions[step, :, i] = action = policy.sample()
             buf.logprobs[step, :, i] = policy.log_prob(action).sum(-1)
         obs, reward, done, info = env.step(buf.actions[step])
@@ -573,13 +589,14 @@ def train(args: Args) -> str:
 
 
 def mean_actions(actors, obs: torch.Tensor) -> torch.Tensor:
-    """The actors' deterministic actions [E, A, act_dim] for the observations obs [E, A, obs_dim]."""
-    return torch.stack([actor.dist(obs[:, i]).mean for i, actor in enumerate(actors)], dim=1)
+    """The actors' deterministic actions [E, A, act_dim] for the observations obs [E, A, obs_dim] (one actor: shared)."""
+    return torch.stack([actors[i % len(actors)].dist(obs[:, i]).mean for i in range(obs.shape[1])], dim=1)
 
 
 def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
     """The actors of a loaded checkpoint, rebuilt as its run's flags describe them."""
-    actors = [Actor(env.obs_dim, env.action_dim, checkpoint["args"]["hidden_sizes"]) for _ in range(env.num_agents)]
+    actors = [Actor(env.obs_dim, env.action_dim, checkpoint["args"]["hidden_sizes"])
+              for _ in checkpoint["actors"]]
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
     return [actor.to(device) for actor in actors]
@@ -587,8 +604,8 @@ def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
 
 def policy_env(saved: dict, num_envs: int, device, seed: int) -> ActionRepeat:
     """The env a run's policies act in, as its flags describe it (`args_dict` or a checkpoint's "args")."""
-    return ActionRepeat(make_env(saved["env_backend"], num_envs=num_envs, device=device, seed=seed),
-                        saved.get("action_repeat", 1))  # checkpoints from before --action-repeat decided at 50 Hz
+    return ActionRepeat(make_env(saved["env_backend"], num_envs=num_envs, device=device, seed=seed,
+                                 task=saved["task"]), saved["action_repeat"])
 
 
 def main() -> int:

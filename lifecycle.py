@@ -29,6 +29,7 @@ import torch
 # still has them): a checkpoint that used one cannot be rebuilt by this code and is refused.
 RETIRED = {"tanh_mean": False, "input_norm": "layernorm", "std_max": 0.5, "obs_stack": 1}
 RETIRED_AT = "0aee1c9"  # the last commit that has them
+ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}  # flags added since: what a checkpoint without them ran
 CHECKPOINT_KEYS = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration",
                    "global_step", "args", "run_name"}
 
@@ -109,6 +110,7 @@ def load_checkpoint(path: str, device) -> dict:
         raise UsageError(f"corrupt or unreadable checkpoint {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
         raise UsageError(f"corrupt checkpoint {path}: not a happo_mapush checkpoint")
+    checkpoint["args"] = {**ADDED, **checkpoint["args"]}  # an older checkpoint ran with what these flags now default to
     for name, value in RETIRED.items():
         if checkpoint["args"].get(name, value) != value:
             raise UsageError(f"{path} uses {flag(name, checkpoint['args'][name])}, an experiment removed after commit "

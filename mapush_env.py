@@ -1,12 +1,13 @@
-"""MAPush's mid-level cuboid task `go1push_mid` behind one contract, and its embedded VMAS backend.
+"""MAPush's mid-level pushing tasks (`go1push_mid`: cuboid, T-block, cylinder) behind one contract, and the embedded
+VMAS backend.
 
 The contract of both backends (README, "Code tour"): `make_env`, `Scene`, `ActionRepeat`, `evaluate`.
 - `vmas` (default, this file): a planar re-creation on VMAS's rigid-body `World` (physics only). Resets,
   observations, rewards and termination follow MQE's `Go1PushMidWrapper`; docs/embedded_task.md has the physics.
 - `isaacgym` (`mapush_isaacgym.py`, imported only when chosen): a thin adapter over MQE's `make_mqe_env`.
 
-    env = make_env("vmas", num_envs=512, device="cpu", seed=0)
-    obs = env.reset()                               # [E, A, 8]
+    env = make_env("vmas", num_envs=512, device="cpu", seed=0, task="cuboid")
+    obs = env.reset()                               # [E, A, 2 + 3A]
     obs, reward, done, info = env.step(actions)     # actions [E, A, 3]; reward [E, A] per agent; done [E]
 """
 from __future__ import annotations
@@ -38,17 +39,15 @@ class BackendUnavailable(ImportError):
     """A backend's simulator is not installed; the message says what to install."""
 
 
-# Task constants (MQE's go1_push_mid_config.py as the canonical cuboid config `task/cuboid/config.py` sets it).
+# Constants of every task (MQE's go1_push_mid_config.py, the same in MAPush's three task/<object>/config.py).
 DT = 0.02  # one policy step, s (PhysX 5 ms x decimation 4)
 EPISODE_STEPS = 1000  # 20 s; the time-out fires when the step counter exceeds it, i.e. on step 1001
 ACTION_SCALE = 0.5  # command = 0.5 * clip(action, -1, 1): (vx, vy) m/s and yaw rate rad/s, body frame
-SUCCESS_RADIUS = 1.0  # planar box-target distance, m
-COLLISION_RADIUS = 0.25  # agent-agent base distance that ends the episode as an exception, m
+SUCCESS_RADIUS = 1.0  # planar object-target distance, m
 BOX_Z, AGENT_Z = 0.25, 0.30  # constant heights for the 3D distances of the approach and collision terms, m
-REWARD_SCALES = {
+REWARD_SCALES = {  # the collision scale is the task's (Task.collision_scale)
     "target": 0.00325,
     "approach": 0.00075,
-    "collision": -0.0025,
     "push": 0.0015,
     "ocb": 0.004,
     "reach_target": 10.0,
@@ -56,11 +55,43 @@ REWARD_SCALES = {
 }
 REWARD_TERMS = ("distance_to_target", "approach", "collision", "push", "ocb", "reach_target", "exception")
 
+
+class Part(NamedTuple):
+    """One link of the pushed object's URDF, in the object's frame."""
+
+    shape: str  # "box" or "disc" (MQE's cylinder, seen from above)
+    size: Tuple[float, ...]  # box: (length along x, width along y); disc: (radius,), m
+    mass: float  # kg
+    izz: float  # kg m^2, the URDF's (what PhysX uses)
+    offset: Tuple[float, float]  # from the object's root, the URDF's base link, m
+
+
+class Task(NamedTuple):
+    """One of MAPush's mid-level tasks: what its `task/<object>/config.py` and object URDF set (spec section 12)."""
+
+    num_agents: int
+    parts: Tuple[Part, ...]  # the first is the root: its pose is the object's pose in observations and rewards
+    friction_range: Tuple[float, float]  # the object's friction coefficient, drawn once per env (domain_rand)
+    spawn_ring: Tuple[float, float]  # the agents' distance from the object's root at reset, m (init_base_pos_range.r)
+    collision_radius: float  # agent-agent distance that ends the episode as an exception, m
+    collision_scale: float  # rewards.scales.collision_punishment_scale
+    vertex_list: Tuple[Tuple[float, float], ...]  # the OCB polygon (asset.vertex_list), object frame, counter-clockwise
+
+
+TASKS = {
+    "cuboid": Task(2, (Part("box", (1.2, 1.2), 4.0, 0.25, (0.0, 0.0)),), (0.5, 0.6), (1.2, 1.3), 0.25, -0.0025,
+                   ((-0.6, -0.6), (0.6, -0.6), (0.6, 0.6), (-0.6, 0.6))),
+    # SuperSmallTblock.urdf: a bar and a stem under a fixed joint; the OCB polygon is a trapezoid, not the T's outline
+    "tblock": Task(2, (Part("box", (1.0, 0.5), 2.0, 0.01, (0.0, 0.0)), Part("box", (0.5, 0.5), 1.0, 0.01, (0.0, 0.5))),
+                   (0.6, 0.7), (1.2, 1.3), 0.27, -0.0025, ((-0.5, -0.25), (0.5, -0.25), (0.25, 0.75), (-0.25, 0.75))),
+    # BigCylinder.urdf (radius 1.5 m); the OCB polygon is a hexagon
+    "cylinder": Task(3, (Part("disc", (1.5,), 10.0, 0.0417, (0.0, 0.0)),), (0.3, 0.4), (2.0, 2.5), 0.25, -0.0015,
+                     ((-0.75, -1.30), (0.75, -1.30), (1.5, 0.0), (0.75, 1.30), (-0.75, 1.30), (-1.5, 0.0))),
+}
+
 # Surrogate dynamics (docs/embedded_task.md; the friction and controller values are our estimates).
-BOX_SIZE, BOX_MASS, BOX_IZZ = 1.2, 4.0, 0.25  # URDF SmallBox: 1.2 x 1.2 m, 4 kg, Izz 0.25 kg m^2
-BOX_MU_RANGE = (0.30, 0.35)  # effective box-ground Coulomb coefficient, drawn once per env
+GROUND_FRICTION = 0.1  # the terrain's coefficient; PhysX averages it with the object's
 GRAVITY = 9.81
-BOX_SPIN_ARM = math.hypot(BOX_SIZE / 2, BOX_SIZE / 2)  # spin friction acts at the 4 corners (PhysX box-on-mesh)
 AGENT_MASS = 11.31  # Go1, kg
 AGENT_FOOTPRINT = (0.66, 0.29)  # Go1 planar footprint, m
 AGENT_DISC_RADIUS = math.sqrt(AGENT_FOOTPRINT[0] * AGENT_FOOTPRINT[1] / math.pi)  # same area as the footprint
@@ -72,16 +103,19 @@ MAX_SPEED = 1.0  # PhysX max_depenetration_velocity: overlapping spawns separate
 CONTACT_STIFFNESS = 1e4  # penalty contact, N/m (5 mm penetration at the full drive force)
 
 
-def make_env(backend: str = "vmas", num_envs: int = 512, device="cpu", seed: int = 0, **options):
-    """Build the task on `backend` with `num_envs` parallel envs on `device`; see the module docstring."""
+def make_env(backend: str = "vmas", num_envs: int = 512, device="cpu", seed: int = 0, task: str = "cuboid",
+             **options):
+    """Build `task` on `backend` with `num_envs` parallel envs on `device`; see the module docstring."""
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available tasks: {', '.join(TASKS)}")
     if backend == "vmas":
-        return VmasPushEnv(num_envs=num_envs, device=device, seed=seed, **options)
+        return VmasPushEnv(num_envs=num_envs, device=device, seed=seed, task=task, **options)
     if backend == "isaacgym":  # imported here: it needs Isaac Gym and MQE, which only this backend uses
         from mapush_isaacgym import IsaacGymPushEnv
 
-        return IsaacGymPushEnv(num_envs=num_envs, device=device, seed=seed, **options)
+        return IsaacGymPushEnv(num_envs=num_envs, device=device, seed=seed, task=task, **options)
     raise ValueError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
 
 
@@ -190,49 +224,48 @@ def observations(box_xy, box_yaw, target_xy, agent_xy, agent_yaw) -> torch.Tenso
     return torch.cat(parts, dim=-1)
 
 
-# The box's edges, counter-clockwise from the corner (-0.6, -0.6), and their inward normals (MQE's vertex_list).
-_HALF = BOX_SIZE / 2
-BOX_VERTICES = ((-_HALF, -_HALF), (_HALF, -_HALF), (_HALF, _HALF), (-_HALF, _HALF))
-BOX_INWARD_NORMALS = ((0.0, 1.0), (-1.0, 0.0), (0.0, -1.0), (1.0, 0.0))
+def nearest_face_normal(q: torch.Tensor, vertex_list) -> torch.Tensor:
+    """Inward normal [..., 2] (object frame) of the OCB polygon's edge nearest to the object-frame points q [..., 2].
 
-
-def nearest_face_normal(q: torch.Tensor) -> torch.Tensor:
-    """Inward normal [..., 2] (box frame) of the box edge nearest to the box-frame points q [..., 2].
-
-    Each edge's distance is the smallest of three candidates, as MQE computes them (`go1_push_mid_wrapper.py`,
-    `calc_normal_vector_for_obc_reward`): the perpendicular distance while the foot of the perpendicular lies on the
-    edge, and the plain distances to its two vertices. The two edges sharing a corner compute that corner's distance
-    with the same operations, so past a corner they tie bitwise and the lower edge index wins (first minimum).
+    As MQE's `calc_normal_vector_for_obc_reward` (`go1_push_mid_wrapper.py`): the polygon is the task's counter-
+    clockwise `vertex_list`, edge k runs from vertex k to vertex k + 1, and its inward normal is its unit direction
+    turned left. Each edge's distance is the smallest of three candidates: the perpendicular distance while the foot
+    of the perpendicular lies on the edge, and the plain distances to its two vertices. The two edges sharing a
+    corner compute that corner's distance with the same operations, so past a corner they tie bitwise and the lower
+    edge index wins (first minimum).
     """
-    start = q.new_tensor(BOX_VERTICES)  # [4, 2]
-    edge = torch.roll(start, -1, dims=0) - start  # [4, 2]
+    start = q.new_tensor(vertex_list)  # [V, 2]
+    edge = torch.roll(start, -1, dims=0) - start  # [V, 2]
     unit = edge / torch.linalg.vector_norm(edge, dim=-1, keepdim=True)
-    to_start = q.unsqueeze(-2) - start  # [..., 4, 2]
+    to_start = q.unsqueeze(-2) - start  # [..., V, 2]
     to_end = torch.roll(to_start, -1, dims=-2)  # q - the edge's end vertex: the next edge's `to_start`, same bits
     on_edge = ((to_start * edge).sum(-1) >= 0) & ((to_end * edge).sum(-1) <= 0)
     perpendicular = (to_start[..., 0] * unit[:, 1] - to_start[..., 1] * unit[:, 0]).abs()
     candidates = torch.stack([torch.where(on_edge, perpendicular, torch.full_like(perpendicular, math.inf)),
                               torch.linalg.vector_norm(to_start, dim=-1), torch.linalg.vector_norm(to_end, dim=-1)])
     nearest = torch.argmin(candidates.amin(0), dim=-1)  # first minimum on ties
-    return q.new_tensor(BOX_INWARD_NORMALS)[nearest]
+    return torch.stack([-unit[:, 1], unit[:, 0]], dim=-1)[nearest]
 
 
-def termination(box_target_dist, agent_xy, step_count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def termination(box_target_dist, agent_xy, step_count, collision_radius: float):
     """(success, exception, time_out), bool [E] each, from the post-physics state (as MQE).
 
-    box_target_dist [E] is the planar box-target distance, agent_xy [E, A, 2], step_count [E].
+    box_target_dist [E] is the planar object-target distance, agent_xy [E, A, 2], step_count [E]; an exception is
+    any pair of agents closer than `collision_radius`.
     """
     success = box_target_dist < SUCCESS_RADIUS
     num_agents = agent_xy.shape[1]
     pair_dist = torch.cdist(agent_xy, agent_xy) + torch.eye(num_agents, device=agent_xy.device) * 1e6  # skip i == j
-    exception = (pair_dist < COLLISION_RADIUS).flatten(1).any(1)
+    exception = (pair_dist < collision_radius).flatten(1).any(1)
     return success, exception, step_count > EPISODE_STEPS
 
 
 def task_rewards(
-    box_xy, box_yaw, box_vel, target_xy, agent_xy, prev_dist, success, exception, nonfinite
+    box_xy, box_yaw, box_vel, target_xy, agent_xy, prev_dist, success, exception, nonfinite, task: Task
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Per-agent rewards [E, A] (no team sum) and each term summed over agents [E] (MQE's seven terms)."""
+    """Per-agent rewards [E, A] (no team sum) and each term summed over agents [E] (MQE's seven terms): the shared
+    terms go to every agent, the approach and OCB terms are each agent's, and each pair of agents' collision term
+    goes to both of them (MQE's loops over i < j)."""
     num_envs, num_agents, _ = agent_xy.shape
     s = REWARD_SCALES
     dist = torch.linalg.vector_norm(box_xy - target_xy, dim=-1)
@@ -246,13 +279,13 @@ def task_rewards(
     box_dist = torch.sqrt(((box_xy.unsqueeze(1) - agent_xy) ** 2).sum(-1) + dz * dz)  # [E, A]
     approach = -s["approach"] * (box_dist + 0.5) ** 2
     pair_dist = torch.cdist(agent_xy, agent_xy)  # [E, A, A]; agents share one height
-    pair_term = s["collision"] / (0.02 + pair_dist / 3.0)
+    pair_term = task.collision_scale / (0.02 + pair_dist / 3.0)
     pair_term = pair_term * (1.0 - torch.eye(num_agents, device=agent_xy.device))
     collision = pair_term.sum(-1)  # each pair counts for both agents
     to_target = target_xy - box_xy
     u = to_target / torch.linalg.vector_norm(to_target, dim=-1, keepdim=True)
     q = rotate(agent_xy - box_xy.unsqueeze(1), -box_yaw.unsqueeze(1))
-    normal = rotate(nearest_face_normal(q), box_yaw.unsqueeze(1))
+    normal = rotate(nearest_face_normal(q, task.vertex_list), box_yaw.unsqueeze(1))
     ocb = s["ocb"] * (normal * u.unsqueeze(1)).sum(-1)
     reward = sum(shared.values()).unsqueeze(1) + approach + collision + ocb
     terms = {name: value for name, value in shared.items()}
@@ -263,9 +296,9 @@ def task_rewards(
 
 
 class VmasPushEnv:
-    """`go1push_mid` on VMAS physics: E envs, A agents (default 2), all state as torch tensors on `device`."""
+    """`go1push_mid` on VMAS physics: E envs of one task, all state as torch tensors on `device`."""
 
-    def __init__(self, num_envs: int, device="cpu", seed: int = 0, num_agents: int = 2, agent_shape: str = "disc",
+    def __init__(self, num_envs: int, device="cpu", seed: int = 0, task: str = "cuboid", agent_shape: str = "disc",
                  substeps: int = 2):
         try:
             from vmas.simulator.core import Agent, Box, Landmark, Sphere, World
@@ -274,30 +307,39 @@ class VmasPushEnv:
 
         if agent_shape not in ("disc", "box"):
             raise ValueError(f"agent_shape must be 'disc' or 'box', got {agent_shape!r}")
-        if num_agents < 2:
-            raise ValueError(f"num_agents must be >= 2, got {num_agents}")
-        self.num_envs, self.num_agents = num_envs, num_agents
-        self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * num_agents, 3, EPISODE_STEPS
+        self.task_name, self.task = task, TASKS[task]
+        self.num_envs, self.num_agents = num_envs, self.task.num_agents
+        self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(seed)
 
-        self.box_mu = self._uniform((num_envs, 1), *BOX_MU_RANGE)  # kept across episodes
+        # The effective object-ground coefficient: PhysX averages the object's (drawn once per env) with the ground's.
+        low, high = self.task.friction_range
+        self.box_mu = self._uniform((num_envs, 1), (low + GROUND_FRICTION) / 2, (high + GROUND_FRICTION) / 2)
         self.world = World(num_envs, self.device, dt=DT, substeps=substeps, drag=0.0,
                            collision_force=CONTACT_STIFFNESS)
-        # VMAS friction: linear coefficient is a deceleration (mu * g); angular one is torque / Izz.
-        box_shape = Box(BOX_SIZE, BOX_SIZE)
-        # VMAS derives Izz from a uniform solid (0.96 kg m^2); the URDF says 0.25. (A Box subclass would drop out of
-        # VMAS's collidable shape pairs, so the instance gets the override.)
-        box_shape.moment_of_inertia = lambda mass: BOX_IZZ
-        self.box = Landmark("box", shape=box_shape, movable=True, rotatable=True, mass=BOX_MASS,
-                            linear_friction=self.box_mu * GRAVITY,
-                            angular_friction=self.box_mu * GRAVITY * BOX_MASS * BOX_SPIN_ARM / BOX_IZZ)
-        self.world.add_landmark(self.box)
+        self.parts = []  # the object's links; the first, "box", is its root
+        for i, part in enumerate(self.task.parts):
+            shape = Box(*part.size) if part.shape == "box" else Sphere(part.size[0])
+            # VMAS derives Izz from a uniform solid; PhysX uses the URDF's. (A shape subclass would drop out of VMAS's
+            # collidable shape pairs, so the instance gets the override.)
+            shape.moment_of_inertia = lambda mass, izz=part.izz: izz
+            # PhysX's contacts with the ground lie at a box's corners and a disc's rim: spin friction acts there.
+            arm = math.hypot(part.size[0] / 2, part.size[1] / 2) if part.shape == "box" else part.size[0]
+            # VMAS friction: the linear coefficient is a deceleration (mu * g), the angular one a torque / Izz.
+            entity = Landmark("box" if i == 0 else f"box_part{i}", shape=shape, movable=True, rotatable=True,
+                              mass=part.mass, linear_friction=self.box_mu * GRAVITY,
+                              angular_friction=self.box_mu * GRAVITY * part.mass * arm / part.izz)
+            self.world.add_landmark(entity)
+            self.parts.append(entity)
+        for entity in self.parts:  # the links of one object never collide with each other
+            entity.collision_filter = lambda other, own=tuple(self.parts): other not in own
+        self.box = self.parts[0]
         self.agents = []
-        for i in range(num_agents):
+        for i in range(self.num_agents):
             shape = Sphere(AGENT_DISC_RADIUS) if agent_shape == "disc" else Box(*AGENT_FOOTPRINT)
             agent = Agent(f"go1_{i}", shape=shape, mass=AGENT_MASS, max_f=MAX_DRIVE_FORCE, max_t=MAX_DRIVE_TORQUE,
                           max_speed=MAX_SPEED)
@@ -309,10 +351,17 @@ class VmasPushEnv:
             entity.state.pos, entity.state.vel = zeros.clone(), zeros.clone()
             entity.state.rot, entity.state.ang_vel = zeros[:, :1].clone(), zeros[:, :1].clone()
         self.target_xy = zeros.clone()
-        self.v_ref = torch.zeros(num_envs, num_agents, 3, device=self.device)  # controller's lagged command
+        self.v_ref = torch.zeros(num_envs, self.num_agents, 3, device=self.device)  # controller's lagged command
         self.step_count = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self.prev_dist = torch.zeros(num_envs, device=self.device)
         self.lag = torch.tensor([1 - math.exp(-DT / TAU_LIN)] * 2 + [1 - math.exp(-DT / TAU_YAW)], device=self.device)
+        # The rigid body the links make (constants; `_make_rigid`): mass, centre of mass and links in the root's frame.
+        masses = torch.tensor([p.mass for p in self.task.parts], device=self.device)
+        offsets = torch.tensor([p.offset for p in self.task.parts], device=self.device)  # [P, 2]
+        self.part_masses, com = masses, (masses.unsqueeze(-1) * offsets).sum(0) / masses.sum()
+        self.part_offsets = offsets - com  # from the centre of mass, root frame
+        self.rigid_izz = sum(p.izz for p in self.task.parts) + float((masses * (self.part_offsets ** 2).sum(-1)).sum())
+        self.rigid_error = torch.zeros(num_envs, device=self.device)  # how far the links drifted apart in the last step
 
     # -- state access -------------------------------------------------------------------------------------------
     def _uniform(self, shape, low, high):
@@ -364,16 +413,18 @@ class VmasPushEnv:
         box_yaw = self._uniform((E, 1), -0.01, TWO_PI)
         radius, angle = self._uniform((E, 1), 1.5, 3.0), self._uniform((E, 1), 0.0, TWO_PI)
         target_xy = box_xy + radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
-        radius, angle = self._uniform((E, A, 1), 1.2, 1.3), self._uniform((E, A, 1), -0.01, TWO_PI)
+        radius, angle = self._uniform((E, A, 1), *self.task.spawn_ring), self._uniform((E, A, 1), -0.01, TWO_PI)
         agent_xy = box_xy.unsqueeze(1) + radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
         agent_yaw = self._uniform((E, A), -0.01, TWO_PI)
         agent_vel = self._uniform((E, A, 2), -0.1, 0.1)  # root velocity, world frame
         agent_ang_vel = self._uniform((E, A), -0.1, 0.1)
         zeros = torch.zeros(E, 2, device=self.device)
-        self.box.state.pos = torch.where(m1, box_xy, self.box.state.pos)
-        self.box.state.vel = torch.where(m1, zeros, self.box.state.vel)
-        self.box.state.rot = torch.where(m1, box_yaw, self.box.state.rot)
-        self.box.state.ang_vel = torch.where(m1, zeros[:, :1], self.box.state.ang_vel)
+        for part, entity in zip(self.task.parts, self.parts):  # the links at rest around the root
+            offset = rotate(box_xy.new_tensor(part.offset).expand(E, 2), box_yaw[:, 0])
+            entity.state.pos = torch.where(m1, box_xy + offset, entity.state.pos)
+            entity.state.vel = torch.where(m1, zeros, entity.state.vel)
+            entity.state.rot = torch.where(m1, box_yaw, entity.state.rot)
+            entity.state.ang_vel = torch.where(m1, zeros[:, :1], entity.state.ang_vel)
         for i, agent in enumerate(self.agents):
             agent.state.pos = torch.where(m1, agent_xy[:, i], agent.state.pos)
             agent.state.vel = torch.where(m1, agent_vel[:, i], agent.state.vel)
@@ -396,6 +447,29 @@ class VmasPushEnv:
         different steps and the envs stop moving in lockstep; the scene is unchanged."""
         self.step_count = torch.randint(0, EPISODE_STEPS, (self.num_envs,), generator=self.rng, device=self.device)
 
+    def _make_rigid(self) -> None:
+        """Move the object's links as one rigid body. VMAS has no compound shapes and its joints are springs, so after
+        each physics step the links take the rigid motion with their total linear and angular momentum, posed by the
+        root's yaw around their centre of mass; `rigid_error` [E] is how far a link had drifted from its rigid place
+        during the step (docs/embedded_task.md)."""
+        pos = torch.stack([e.state.pos for e in self.parts], dim=1)  # [E, P, 2]
+        vel = torch.stack([e.state.vel for e in self.parts], dim=1)
+        spin = torch.cat([e.state.ang_vel for e in self.parts], dim=1)  # [E, P]
+        mass = self.part_masses.view(1, -1, 1)
+        com, com_vel = (mass * pos).sum(1) / mass.sum(), (mass * vel).sum(1) / mass.sum()  # [E, 2]
+        r, v = pos - com.unsqueeze(1), vel - com_vel.unsqueeze(1)
+        izz = spin.new_tensor([p.izz for p in self.task.parts])
+        momentum = (izz * spin).sum(1) + (mass[..., 0] * (r[..., 0] * v[..., 1] - r[..., 1] * v[..., 0])).sum(1)
+        omega = (momentum / self.rigid_izz).unsqueeze(-1)  # [E, 1]
+        yaw = self.box.state.rot  # [E, 1]
+        arm = rotate(self.part_offsets, yaw)  # [E, P, 2] from the centre of mass
+        rigid = com.unsqueeze(1) + arm
+        self.rigid_error = torch.linalg.vector_norm(pos - rigid, dim=-1).amax(1)
+        for i, entity in enumerate(self.parts):
+            entity.state.pos = rigid[:, i]
+            entity.state.vel = com_vel + omega * torch.stack([-arm[:, i, 1], arm[:, i, 0]], dim=-1)
+            entity.state.rot, entity.state.ang_vel = yaw.clone(), omega.clone()
+
     # -- step -------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
         check_actions(self, actions)
@@ -408,6 +482,8 @@ class VmasPushEnv:
             agent.state.force = force[:, i]
             agent.state.torque = torque[:, i : i + 1]
         self.world.step()
+        if len(self.parts) > 1:
+            self._make_rigid()
         self.step_count += 1
 
         agent_xy, agent_yaw, vel, ang_vel = self._agents_state()
@@ -417,9 +493,9 @@ class VmasPushEnv:
         obs = torch.where(finite, raw_obs, torch.zeros_like(raw_obs))
         nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
         dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
-        success, exception, time_out = termination(dist, agent_xy, self.step_count)
+        success, exception, time_out = termination(dist, agent_xy, self.step_count, self.task.collision_radius)
         reward, terms = task_rewards(box_xy, box_yaw, self.box.state.vel, self.target_xy, agent_xy, self.prev_dist,
-                                     success, exception, nonfinite)
+                                     success, exception, nonfinite, self.task)
         self.prev_dist = dist
         done = success | exception | time_out
         info = {

@@ -6,12 +6,13 @@ Preview 4, a CUDA GPU and a MAPush checkout (docs/isaacgym.md has the recipe).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from typing import Any, Dict, Optional
 
 import torch
 
-from mapush_env import EPISODE_STEPS, TWO_PI, BackendUnavailable, Scene, check_actions
+from mapush_env import EPISODE_STEPS, TASKS, TWO_PI, BackendUnavailable, Scene, check_actions
 
 ISAACGYM_HELP = (
     "the isaacgym backend needs Isaac Gym Preview 4 and MAPush (MQE), and importing them failed ({err}). "
@@ -83,6 +84,22 @@ def scene_from_mqe(wrapper: Any) -> Scene:
     return Scene(box_xy, box_yaw, target_xy, agent_xy, quat_to_yaw(quat), lin_vel, ang_vel)
 
 
+MAPUSH_TASK_DIRS = {"cuboid": "cuboid", "tblock": "Tblock", "cylinder": "cylinder"}  # MAPush's task/<object>/
+
+
+def task_config_class(task: str):
+    """`Go1PushMidCfg` of MAPush's `task/<object>/config.py` in the current directory (the MAPush root), loaded
+    without touching MAPush's files: its `train.sh` copies that file over MQE's go1_push_mid_config.py instead, so
+    the installed config is whichever task was trained last."""
+    path = os.path.join("task", MAPUSH_TASK_DIRS[task], "config.py")
+    if not os.path.isfile(path):
+        raise BackendUnavailable(f"no {path} in {os.getcwd()}: run from the MAPush root or set MAPUSH_ROOT")
+    spec = importlib.util.spec_from_file_location(f"mapush_task_{task}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Go1PushMidCfg
+
+
 class IsaacGymPushEnv:
     """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with the contract of `mapush_env`.
 
@@ -110,18 +127,22 @@ class IsaacGymPushEnv:
       (MQE keeps no per-env values). info["nonfinite_obs"]: 1 for an env whose observation MQE zeroed, else 0.
     """
 
-    def __init__(self, num_envs: int, device="cuda:0", seed: int = 0, mapush_root: Optional[str] = None,
-                 wrapper_team_reward: Optional[bool] = None):
+    def __init__(self, num_envs: int, device="cuda:0", seed: int = 0, task: str = "cuboid",
+                 mapush_root: Optional[str] = None, wrapper_team_reward: Optional[bool] = None):
         root = mapush_root if mapush_root is not None else os.environ.get("MAPUSH_ROOT")
         cwd = os.getcwd()
         if root:
             os.chdir(root)
         try:  # import inside the MAPush root too: MQE's helpers put cwd-relative folders on sys.path at import
-            self.wrapper = self._make_wrapper(num_envs, seed, device)
+            self.wrapper = self._make_wrapper(num_envs, seed, device, task)
         finally:
             os.chdir(cwd)
         self.base_env = getattr(self.wrapper, "env", self.wrapper)  # MQE's Go1Object: flags and state buffers
         self.num_envs, self.num_agents = int(self.base_env.num_envs), int(self.base_env.num_agents)
+        if self.num_agents != TASKS[task].num_agents:
+            raise BackendUnavailable(f"MAPush's task/{MAPUSH_TASK_DIRS[task]}/config.py built {self.num_agents} agents, "
+                                     f"the {task} task has {TASKS[task].num_agents}: is that MAPush checkout's file "
+                                     f"edited?")
         self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
         self.detected = wrapper_team_reward is None
         self.wrapper_team_reward = (hasattr(self.wrapper, FORK_TEAM_SUM_ATTRIBUTE) if self.detected
@@ -135,7 +156,7 @@ class IsaacGymPushEnv:
         self.poisoned = torch.zeros_like(self.base_env.value_exception_buf)  # MQE resets these on the next step
         self.first_step = True
 
-    def _make_wrapper(self, num_envs: int, seed: int, device):
+    def _make_wrapper(self, num_envs: int, seed: int, device, task: str):
         try:
             import isaacgym  # noqa: F401  (a real process must import it before torch: happo_mapush.py does)
             from isaacgym import gymapi
@@ -150,7 +171,13 @@ class IsaacGymPushEnv:
             sim_device=str(self.device), sim_device_type=self.device.type, compute_device_id=self.device.index or 0,
             rl_device=str(self.device), device=self.device.type, use_gpu=on_gpu, use_gpu_pipeline=on_gpu,
             subscenes=0, num_threads=0)
-        wrapper, _ = make_mqe_env("go1push_mid", args, custom_cfg(args))
+        task_config = task_config_class(task)
+        set_size = custom_cfg(args)  # MQE's own: the number of envs, no video
+
+        def config(default):  # MQE's `custom_cfg` hook: the task's config class replaces the installed one
+            return set_size(task_config)
+
+        wrapper, _ = make_mqe_env("go1push_mid", args, config)
         return wrapper
 
     def scene(self) -> Scene:

@@ -1,7 +1,9 @@
 """A hand-written two-agent pusher: walk around the box to the side opposite the target, then push toward it."""
 import torch
 
-from mapush_env import ACTION_SCALE, AGENT_DISC_RADIUS, BOX_SIZE, rotate
+from mapush_env import ACTION_SCALE, AGENT_DISC_RADIUS, TASKS, rotate
+
+BOX_SIZE = TASKS["cuboid"].parts[0].size[0]
 
 LANE = BOX_SIZE / 2 * 2**0.5 + AGENT_DISC_RADIUS + 0.15  # clears the box's corners while walking around it
 BEHIND = -(BOX_SIZE / 2 + AGENT_DISC_RADIUS + 0.2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mapush_env as M
-from mapush_env import Scene, make_env, observations, task_rewards
+from mapush_env import TASKS, Scene, make_env, observations, task_rewards
 
 from scripted_pusher import scripted_actions
 
@@ -147,7 +147,8 @@ def rewards_for(box_xy=(12.0, 0.0), box_yaw=0.0, box_vel=(0.0, 0.0), target_xy=(
     target = torch.tensor([target_xy])
     prev = torch.linalg.vector_norm(box - target, dim=-1) if prev_dist is None else torch.tensor([prev_dist])
     return task_rewards(box, torch.tensor([box_yaw]), torch.tensor([box_vel]), target, torch.tensor([agent_xy]),
-                        prev, torch.tensor([success]), torch.tensor([exception]), torch.tensor([nonfinite]))
+                        prev, torch.tensor([success]), torch.tensor([exception]), torch.tensor([nonfinite]),
+                        TASKS["cuboid"])
 
 
 def test_distance_term():
@@ -179,7 +180,8 @@ def test_pairwise_collision_three_agents():
     agents = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]])
     box, target = torch.tensor([[5.0, 5.0]]), torch.tensor([[8.0, 5.0]])
     reward, terms = task_rewards(box, torch.zeros(1), torch.zeros(1, 2), target, agents,
-                                 torch.tensor([3.0]), torch.tensor([False]), torch.tensor([False]), torch.tensor([0]))
+                                 torch.tensor([3.0]), torch.tensor([False]), torch.tensor([False]), torch.tensor([0]),
+                                 TASKS["cuboid"])
     c = lambda d: -0.0025 / (0.02 + d / 3.0)  # noqa: E731
     assert terms["collision"].item() == pytest.approx(c(1.0) + c(2.0) + c(math.sqrt(5.0)), abs=1e-7)
 
@@ -229,6 +231,9 @@ def test_ocb_corner_tie_goes_to_lower_edge_index():
     assert terms["ocb"].item() == pytest.approx(0.004, abs=1e-6)
 
 
+CUBOID = TASKS["cuboid"].vertex_list
+
+
 def mqe_face_normals(points: torch.Tensor) -> torch.Tensor:
     """The reference: MQE's calc_normal_vector_for_obc_reward on box-frame points [N, 2], written out edge by edge.
 
@@ -265,13 +270,13 @@ def test_face_normal_ties_like_mqe_on_a_dense_lattice():
     points = torch.cat([lattice, diagonals, edge_lines, vertices, corner, known])
     in_corner = (points.abs() > 0.6).all(1)
     assert int(in_corner.sum()) > 8000  # the tie region is well covered
-    got, expected = M.nearest_face_normal(points), mqe_face_normals(points)
+    got, expected = M.nearest_face_normal(points, CUBOID), mqe_face_normals(points)
     mismatched = (got != expected).any(1)
     assert not mismatched.any(), points[mismatched][:5].tolist()
     # past a corner the lower edge index wins: V0 -> edge 0, V2 -> edge 1, V3 -> edge 2
     assert got[-3:].tolist() == [[0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]
     # the batch shape is kept: [E, A, 2] points as the rewards pass them
-    torch.testing.assert_close(M.nearest_face_normal(points[:12].view(6, 2, 2)).flatten(0, 1), got[:12])
+    torch.testing.assert_close(M.nearest_face_normal(points[:12].view(6, 2, 2), CUBOID).flatten(0, 1), got[:12])
 
 
 def test_ocb_rotated_box():
@@ -312,7 +317,7 @@ def test_success_radius(offset, success):
 def test_collision_radius(gap, collided):
     # Agents' bases gap metres apart (any direction); three agents: only the close pair matters.
     agents = torch.tensor([[[10.0, 3.0], [10.0 + gap * 0.8, 3.0 + gap * 0.6], [5.0, 5.0]]])
-    _, exception, _ = M.termination(torch.tensor([7.0]), agents, torch.tensor([1]))
+    _, exception, _ = M.termination(torch.tensor([7.0]), agents, torch.tensor([1]), 0.25)
     assert exception.item() is collided
 
 
@@ -331,7 +336,7 @@ def test_collision_through_the_physics(start, collided):
 def test_termination_edges():
     agents = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]]).repeat(4, 1, 1)
     dist = torch.tensor([0.999, 1.001, 0.992, 2.0])
-    success, exception, time_out = M.termination(dist, agents, torch.tensor([1000, 1001, 1, 0]))
+    success, exception, time_out = M.termination(dist, agents, torch.tensor([1000, 1001, 1, 0]), 0.25)
     assert success.tolist() == [True, False, True, False]
     assert time_out.tolist() == [False, True, False, False]  # the step counter must exceed 1000
     assert not exception.any()

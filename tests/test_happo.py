@@ -253,3 +253,64 @@ def test_action_repeat_counts_env_steps_resumes_and_evaluates(tmp_path, monkeypa
     actors = H.trained_actors(state, eval_env)
     success, completion = M.evaluate(lambda obs: H.mean_actions(actors, obs), eval_env)
     assert 0.0 <= success <= 1.0 and 0.0 < completion <= 20.0
+
+
+# -- --share-actor: one actor for all agents (HAPPO with shared parameters, and MAPPO) -------------------------------
+
+
+def test_shared_actor_is_one_network_and_one_optimizer_for_every_agent():
+    env = make_env("vmas", num_envs=4, seed=0, task="cylinder")
+    models = H.build_models(make_args(share_actor=True), env, torch.device("cpu"))
+    assert len(models.actors) == 1 and len(models.actor_optimizers) == 1
+    assert models.actor_optimizers[0].param_groups[0]["params"] == list(models.actors[0].parameters())
+    obs = env.reset()
+    obs[:, 1] = obs[:, 0]  # two agents that see the same act the same, through the same parameters
+    actions = H.mean_actions(models.actors, obs)
+    assert actions.shape == (4, 3, 3) and torch.equal(actions[:, 0], actions[:, 1])
+    assert not torch.equal(actions[:, 0], actions[:, 2])
+
+
+def test_mappo_takes_the_gradient_of_the_mean_surrogate_over_all_agents_samples():
+    actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=3, batch=8)
+    actor = actors[0]
+    logprobs = logprobs + torch.linspace(-0.4, 0.4, 24).view(8, 3)  # ratios on both sides of the clip range
+    reference = copy.deepcopy(actor)
+    # By hand: every agent's samples through the one actor, the surrogate's mean over all 8 x 3 of them, the entropy.
+    norm_adv = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-5)
+    policy = reference.dist(obs.flatten(0, 1))  # sample-major: (b, agent)
+    ratio = (policy.log_prob(actions.flatten(0, 1)).sum(-1) - logprobs.flatten()).exp()
+    adv = norm_adv.repeat_interleave(3)
+    assert ((ratio - 1).abs() > 0.2).any() and ((ratio - 1).abs() < 0.2).any()
+    loss = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean() - 0.02 * policy.entropy().sum(-1).mean()
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    optimizer = torch.optim.SGD(actor.parameters(), lr=1.0)  # one step of lr 1: the parameters move by -gradient
+    before = [p.detach().clone() for p in actor.parameters()]
+    stats, factors = H.happo_actor_update([actor], [optimizer], obs, actions, logprobs, advantages,
+                                          make_args(share_actor=True, sequential=False, ppo_epochs=1,
+                                                    ent_coef=0.02, max_grad_norm=1e9))
+    for p, p0, g in zip(actor.parameters(), before, grads):
+        torch.testing.assert_close(p0 - p.detach(), g, rtol=1e-5, atol=1e-7)
+    assert all(s["update_position"] == 0.0 for s in stats.values()) and len(stats) == 3  # one turn, every agent
+    assert all(torch.equal(f, torch.ones(8)) for f in factors.values())
+
+
+def test_shared_happo_factor_is_the_first_agents_joint_ratio_under_the_shared_actor():
+    actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=3, batch=64)
+    actor = actors[0]
+    with torch.no_grad():  # the rollout's log-probs under the one shared actor
+        logprobs = torch.stack([actor.dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) for i in range(3)], dim=1)
+    torch.manual_seed(5)
+    stats, factors = H.happo_actor_update([actor], [torch.optim.Adam(actor.parameters(), lr=3e-2, eps=1e-5)], obs,
+                                          actions, logprobs, advantages, make_args(share_actor=True, ppo_epochs=2))
+    first, second, _ = update_order(stats)
+    assert torch.equal(factors[first], torch.ones(64))
+    # Replay the first turn alone: the same seed, the same draws, stopped after the first agent.
+    replay, _, _, _, _ = actors_and_batch(num_agents=3, batch=64)
+    torch.manual_seed(5)
+    H.happo_actor_update([replay[0]], [torch.optim.Adam(replay[0].parameters(), lr=3e-2, eps=1e-5)],
+                         obs[:, [first]], actions[:, [first]], logprobs[:, [first]], advantages,
+                         make_args(share_actor=True, ppo_epochs=2))
+    with torch.no_grad():
+        ratio = (replay[0].dist(obs[:, first]).log_prob(actions[:, first]).sum(-1) - logprobs[:, first]).exp()
+    assert (ratio - 1).abs().max() > 1e-2
+    torch.testing.assert_close(factors[second], ratio, rtol=1e-5, atol=1e-6)

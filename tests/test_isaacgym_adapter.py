@@ -34,9 +34,12 @@ MAX_LEN = 4  # the fake's time-out fires when episode_length_buf > MAX_LEN
 ORIGINS = ((1.0, 13.0, 0.0), (-7.5, 4.0, 0.5), (20.0, -3.0, 0.0))  # world position of each env's origin
 BOX_YAW = (0.3, 1.0, 4.0)
 TARGET_XY = ((13.25, 0.0), (12.0, 2.5), (10.0, 0.0))  # env-relative
-AGENT_START = (((10.8, 0.3), (10.9, -0.5)), ((12.0, 1.3), (12.0, -1.3)), ((12.0, 1.3), (12.0, 0.8)))
-AGENT_DRIFT = (((0.1, 0.0), (0.1, 0.0)), ((0.1, 0.0), (0.1, 0.0)), ((0.0, -0.1), (0.0, 0.1)))  # m per step
-AGENT_YAW = ((0.5, 2.0), (3.0, 5.5), (1.0, 6.0))
+# A third agent (the cylinder's task) stays far from the others.
+AGENT_START = (((10.8, 0.3), (10.9, -0.5), (8.0, 4.0)), ((12.0, 1.3), (12.0, -1.3), (9.0, -4.0)),
+               ((12.0, 1.3), (12.0, 0.8), (15.0, 3.5)))
+AGENT_DRIFT = (((0.1, 0.0), (0.1, 0.0), (0.0, 0.05)), ((0.1, 0.0), (0.1, 0.0), (0.05, 0.0)),
+               ((0.0, -0.1), (0.0, 0.1), (-0.05, 0.0)))  # m per step
+AGENT_YAW = ((0.5, 2.0, 4.5), (3.0, 5.5, 0.2), (1.0, 6.0, 2.5))
 AGENT_Z, BOX_Z, TARGET_Z = 0.3, 0.25, 0.1
 TERMS = {"distance_to_target", "approach", "collision", "push", "ocb", "reach_target", "exception"}
 ROLL, PITCH = 0.01, 0.02  # the agents' small body tilt
@@ -58,29 +61,30 @@ def quat_rotate(q, v):
             v[2] + w * t[2] + x * t[1] - y * t[0]]
 
 
-def state(e, k):
+def state(e, k, num_agents=2):
     """Env-relative physical state of env e (mod 3) at step k of an episode, in plain floats."""
     e = e % 3
-    agents = [(x + k * dx, y + k * dy) for (x, y), (dx, dy) in zip(AGENT_START[e], AGENT_DRIFT[e])]
+    agents = [(x + k * dx, y + k * dy) for (x, y), (dx, dy) in zip(AGENT_START[e], AGENT_DRIFT[e])][:num_agents]
     return SimpleNamespace(
         box=(12.0 + 0.1 * k, 0.0), box_yaw=BOX_YAW[e], box_vel=(5.0 if k > 0 else 0.0, 0.0), target=TARGET_XY[e],
-        agents=agents, yaw=tuple(yaw + 0.1 * k for yaw in AGENT_YAW[e]),  # turning and speeding up with k
-        vel=[(0.2 + 0.1 * e + 0.05 * k, -0.1 * i) for i in range(2)],  # body frame, m/s
-        yaw_rate=[0.3 - 0.2 * i + 0.02 * k for i in range(2)])
+        agents=agents, yaw=tuple(yaw + 0.1 * k for yaw in AGENT_YAW[e][:num_agents]),  # turning, speeding up with k
+        vel=[(0.2 + 0.1 * e + 0.05 * k, -0.1 * i) for i in range(num_agents)],  # body frame, m/s
+        yaw_rate=[0.3 - 0.2 * i + 0.02 * k for i in range(num_agents)])
 
 
 class FakeGo1Object:
     """MQE's Go1Object as the wrapper, the adapter and `scene_from_mqe` see it."""
 
-    def __init__(self, num_envs, origins):
-        self.num_envs, self.num_agents, self.num_npcs, self.device = num_envs, 2, 2, "cpu"
+    def __init__(self, num_envs, origins, num_agents=2):
+        self.num_envs, self.num_agents, self.num_npcs, self.device = num_envs, num_agents, 2, "cpu"
+        A = num_agents
         self.env_origins = torch.tensor([origins[e % 3] for e in range(num_envs)]) + torch.tensor(
             [[100.0 * (e // 3), 0.0, 0.0] for e in range(num_envs)])
         self.episode_length_buf = torch.zeros(num_envs, dtype=torch.long)
         self.root_states_npc = torch.zeros(num_envs * 2, 13)
-        self.root_states = torch.zeros(num_envs * 2, 13)  # the agents, env-major
-        self.obs_buf = SimpleNamespace(base_pos=torch.zeros(num_envs * 2, 3), base_rpy=torch.zeros(num_envs * 2, 3),
-                                       lin_vel=torch.zeros(num_envs * 2, 3), ang_vel=torch.zeros(num_envs * 2, 3))
+        self.root_states = torch.zeros(num_envs * A, 13)  # the agents, env-major
+        self.obs_buf = SimpleNamespace(base_pos=torch.zeros(num_envs * A, 3), base_rpy=torch.zeros(num_envs * A, 3),
+                                       lin_vel=torch.zeros(num_envs * A, 3), ang_vel=torch.zeros(num_envs * A, 3))
         self.value_exception_buf = torch.zeros(num_envs, dtype=torch.bool)  # MQE sets it nowhere; ORed into resets
         self.received = []  # actions as Go1.step receives them, [E*A, 3]
         self.poison_env = None  # an env whose box position is NaN until it is reset
@@ -90,7 +94,7 @@ class FakeGo1Object:
         """The state of every env at its episode step; with roots_only, what MQE's reset rewrites: the root states
         and obs_buf.base_pos (a view of them), not the yaw and velocities obs_buf got before the reset."""
         for e in range(self.num_envs):
-            s, origin = state(e, int(self.episode_length_buf[e])), self.env_origins[e].tolist()
+            s, origin = state(e, int(self.episode_length_buf[e]), self.num_agents), self.env_origins[e].tolist()
             half = 0.5 * s.box_yaw
             box = [s.box[0] + origin[0], s.box[1] + origin[1], BOX_Z + origin[2], 0.0, 0.0, math.sin(half),
                    math.cos(half), s.box_vel[0], s.box_vel[1], 0.0, 0.0, 0.0, 0.0]
@@ -99,16 +103,17 @@ class FakeGo1Object:
             self.root_states_npc[2 * e + 1] = torch.tensor(target)
             if e == self.poison_env:
                 self.root_states_npc[2 * e, 0] = float("nan")
-            for i in range(2):
+            for i in range(self.num_agents):
                 q = quat_from_rpy(ROLL, PITCH, s.yaw[i])
+                row = self.num_agents * e + i
                 lin, ang = [s.vel[i][0], s.vel[i][1], 0.05], [0.01, 0.02, s.yaw_rate[i]]  # body frame
                 pos = [s.agents[i][0] + origin[0], s.agents[i][1] + origin[1], AGENT_Z + origin[2]]
-                self.root_states[2 * e + i] = torch.tensor(pos + q + quat_rotate(q, lin) + quat_rotate(q, ang))
-                self.obs_buf.base_pos[2 * e + i] = torch.tensor([s.agents[i][0], s.agents[i][1], AGENT_Z])
+                self.root_states[row] = torch.tensor(pos + q + quat_rotate(q, lin) + quat_rotate(q, ang))
+                self.obs_buf.base_pos[row] = torch.tensor([s.agents[i][0], s.agents[i][1], AGENT_Z])
                 if not roots_only:
-                    self.obs_buf.base_rpy[2 * e + i] = torch.tensor([ROLL, PITCH, s.yaw[i]])
-                    self.obs_buf.lin_vel[2 * e + i] = 2.0 * torch.tensor(lin)
-                    self.obs_buf.ang_vel[2 * e + i] = 0.25 * torch.tensor(ang)
+                    self.obs_buf.base_rpy[row] = torch.tensor([ROLL, PITCH, s.yaw[i]])
+                    self.obs_buf.lin_vel[row] = 2.0 * torch.tensor(lin)
+                    self.obs_buf.ang_vel[row] = 0.25 * torch.tensor(ang)
 
     def reset(self):
         self.episode_length_buf.zero_()
@@ -121,15 +126,16 @@ class FakeGo1Object:
         self._write_state()
         npc = self.root_states_npc.reshape(self.num_envs, 2, 13)
         self.finished_buf = torch.linalg.vector_norm(npc[:, 0, :2] - npc[:, 1, :2], dim=-1) < 1.0
-        pos = self.obs_buf.base_pos.reshape(self.num_envs, 2, 3)
-        self.exception_buf = torch.linalg.vector_norm(pos[:, 0] - pos[:, 1], dim=-1) < 0.25
+        pos = self.obs_buf.base_pos.reshape(self.num_envs, self.num_agents, 3)
+        pairs = torch.cdist(pos, pos) + torch.eye(self.num_agents) * 1e6  # every pair of agents, as MQE
+        self.exception_buf = (pairs < 0.25).flatten(1).any(1)
         self.time_out_buf = self.episode_length_buf > MAX_LEN
         self.reset_buf = self.finished_buf | self.exception_buf | self.time_out_buf | self.value_exception_buf
         self.episode_length_buf[self.reset_buf] = 0  # auto-reset: a new episode, a fresh (finite) box
         if self.poison_env is not None and bool(self.reset_buf[self.poison_env]):
             self.poison_env = None
         self._write_state(roots_only=True)
-        return self.obs_buf, torch.zeros(self.num_envs * 2), self.reset_buf, {}
+        return self.obs_buf, torch.zeros(self.num_envs * self.num_agents), self.reset_buf, {}
 
 
 class FakeUpstreamWrapper:
@@ -152,9 +158,10 @@ class FakeUpstreamWrapper:
         env = self.env
         npc = env.root_states_npc.reshape(env.num_envs, 2, 13)
         yaw = 2.0 * torch.atan2(npc[:, 0, 5], npc[:, 0, 6])
+        A = env.num_agents
         return observations(npc[:, 0, :2] - env.env_origins[:, :2], torch.remainder(yaw, 2 * math.pi),
-                            npc[:, 1, :2] - env.env_origins[:, :2], env.obs_buf.base_pos.reshape(-1, 2, 3)[..., :2],
-                            env.obs_buf.base_rpy.reshape(-1, 2, 3)[..., 2])
+                            npc[:, 1, :2] - env.env_origins[:, :2], env.obs_buf.base_pos.reshape(-1, A, 3)[..., :2],
+                            env.obs_buf.base_rpy.reshape(-1, A, 3)[..., 2])
 
     def reset(self):
         self.env.reset()
@@ -177,8 +184,8 @@ class FakeUpstreamWrapper:
         box_state, target_state = npc[:, 0], npc[:, 1]
         box_pos = box_state[:, :3] - env.env_origins
         box_pos[~torch.isfinite(box_pos)] = 0  # MQE zeroes NaN in these copies, not in box_state
-        base_pos = env.obs_buf.base_pos.reshape(env.num_envs, 2, 3)
-        reward = torch.zeros(env.num_envs, 2)
+        base_pos = env.obs_buf.base_pos.reshape(env.num_envs, env.num_agents, 3)
+        reward = torch.zeros(env.num_envs, env.num_agents)
         buf["step_count"] += 1
         reward[env.finished_buf, :] += 10.0
         buf["reach_target_reward"] += 10.0 * env.finished_buf.sum().item()
@@ -193,7 +200,7 @@ class FakeUpstreamWrapper:
         reward += distance_reward.unsqueeze(1)
         buf["distance_to_target_reward"] += torch.sum(distance_reward).cpu()
         logger = []
-        for i in range(2):
+        for i in range(env.num_agents):
             approach = -((torch.linalg.vector_norm(box_pos - base_pos[:, i], dim=-1) + 0.5) ** 2) * 0.00075
             reward[:, i] += approach
             logger.append(torch.sum(approach).cpu())
@@ -223,11 +230,21 @@ class FakeForkWrapper(FakeUpstreamWrapper):
 
     def _rewards(self):
         self.reward_buffer["gating_factor"] += 0.5  # a mean per step, not a reward sum
-        return super()._rewards().sum(dim=1, keepdim=True).expand(-1, 2)
+        return super()._rewards().sum(dim=1, keepdim=True).expand(-1, self.env.num_agents)
+
+
+def write_task_configs(root, agents=None):
+    """MAPush's task/<object>/config.py files as the adapter reads them: a Go1PushMidCfg class per task."""
+    for task, folder in mapush_isaacgym.MAPUSH_TASK_DIRS.items():
+        os.makedirs(os.path.join(root, "task", folder), exist_ok=True)
+        with open(os.path.join(root, "task", folder, "config.py"), "w") as f:
+            num_agents = (agents or {}).get(task, 3 if task == "cylinder" else 2)
+            f.write(f"class Go1PushMidCfg:\n    name = {folder!r}\n\n    class env:\n        num_envs = 10\n"
+                    f"        num_agents = {num_agents}\n        record_video = False\n")
 
 
 @pytest.fixture
-def fake_mqe(monkeypatch):
+def fake_mqe(monkeypatch, tmp_path_factory):
     """Make fake `isaacgym` and `mqe` importable; returns a handle to pick the wrapper and see the calls."""
     gymapi = types.ModuleType("isaacgym.gymapi")
     gymapi.SIM_FLEX, gymapi.SIM_PHYSX = 0, 1
@@ -236,10 +253,10 @@ def fake_mqe(monkeypatch):
     handle = SimpleNamespace(wrapper_class=FakeUpstreamWrapper, origins=ORIGINS, calls=[])
 
     def make_mqe_env(env_name, args=None, custom_cfg=None):
-        cfg = SimpleNamespace(env=SimpleNamespace(num_envs=None, record_video=None))
-        if callable(custom_cfg):
+        cfg = SimpleNamespace(env=SimpleNamespace(num_envs=None, record_video=None, num_agents=2))  # the installed
+        if callable(custom_cfg):  # MQE: env_dict["config"] = custom_cfg(env_dict["config"])
             cfg = custom_cfg(cfg)
-        wrapper = handle.wrapper_class(FakeGo1Object(cfg.env.num_envs, handle.origins))
+        wrapper = handle.wrapper_class(FakeGo1Object(cfg.env.num_envs, handle.origins, cfg.env.num_agents))
         handle.calls.append(SimpleNamespace(env_name=env_name, args=args, cfg=cfg, cwd=os.getcwd(), wrapper=wrapper))
         return wrapper, cfg
 
@@ -255,7 +272,9 @@ def fake_mqe(monkeypatch):
                "mqe.envs": types.ModuleType("mqe.envs"), "mqe.envs.utils": utils}
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delenv("MAPUSH_ROOT", raising=False)
+    handle.root = tmp_path_factory.mktemp("MAPush")
+    write_task_configs(handle.root)
+    monkeypatch.setenv("MAPUSH_ROOT", str(handle.root))
     # On this CPU machine: the wrapper's "cuda" tensor and the adapter's CUDA-only check are set aside, explicitly
     # (test_cpu_device_is_refused_in_one_line_naming_cuda tests the check itself).
     monkeypatch.setattr(sys.modules[__name__], "WRAPPER_DEVICE", ["cpu"])
@@ -316,7 +335,9 @@ def test_builds_in_mapush_root_and_restores_cwd(fake_mqe, tmp_path, monkeypatch)
     start, root, other = tmp_path / "start", tmp_path / "MAPush", tmp_path / "from_env"
     for path in (start, root, other):
         path.mkdir()
+        write_task_configs(path)
     monkeypatch.chdir(start)
+    monkeypatch.delenv("MAPUSH_ROOT")  # no root given: the current directory must be the MAPush root
     make_env("isaacgym", num_envs=3, device="cpu")
     make_env("isaacgym", num_envs=3, device="cpu", mapush_root=str(root))
     monkeypatch.setenv("MAPUSH_ROOT", str(other))
@@ -702,3 +723,47 @@ def test_a_detected_reward_mode_that_the_first_step_contradicts_is_an_error(fake
     env = make_env("isaacgym", num_envs=3, device="cpu", wrapper_team_reward=True)  # an explicit choice is trusted
     env.reset()
     env.step(zero_actions())
+
+
+@pytest.mark.parametrize("task, folder, agents", [("cuboid", "cuboid", 2), ("tblock", "Tblock", 2),
+                                                  ("cylinder", "cylinder", 3)])
+def test_the_task_selects_mapushs_own_task_config(fake_mqe, task, folder, agents):
+    env = make_env("isaacgym", num_envs=3, device="cpu", task=task)
+    config = fake_mqe.calls[-1].cfg  # what MQE built the env from: the class of task/<folder>/config.py
+    assert config.name == folder and config.env.num_envs == 3 and config.env.record_video is False
+    assert (env.num_agents, env.obs_dim) == (agents, 2 + 3 * agents)
+    with open(os.path.join(fake_mqe.root, "task", folder, "config.py")) as f:
+        assert "num_envs = 10" in f.read()  # MAPush's file is read, never written
+
+
+def test_three_agents_scene_and_global_state_from_mqes_buffers(fake_mqe):
+    env = make_env("isaacgym", num_envs=3, device="cpu", task="cylinder")
+    obs = env.reset()
+    assert obs.shape == (3, 3, 11)
+    obs, reward, done, info = env.step(torch.zeros(3, 3, 3))
+    assert reward.shape == (3, 3) and done.tolist() == [False, False, False]
+    states = [state(e, 1, num_agents=3) for e in range(3)]
+    scene = env.scene()
+    torch.testing.assert_close(scene.agent_xy, torch.tensor([s.agents for s in states]))
+    torch.testing.assert_close(scene.agent_yaw, torch.remainder(torch.tensor([s.yaw for s in states]), 2 * math.pi))
+    torch.testing.assert_close(scene.agent_lin_vel, torch.tensor([s.vel for s in states]), atol=1e-5, rtol=1e-5)
+    rows = []
+    for s in states:
+        row = [s.box[0], s.box[1], s.box_yaw, s.target[0], s.target[1]]
+        for i in range(3):
+            row += [s.agents[i][0], s.agents[i][1], s.yaw[i], 2.0 * s.vel[i][0], 2.0 * s.vel[i][1],
+                    0.25 * s.yaw_rate[i]]
+        rows.append(row)
+    global_state, _ = build_global_state(scene)
+    assert global_state.shape == (3, 23)
+    torch.testing.assert_close(global_state, torch.tensor(rows), atol=1e-5, rtol=1e-5)
+
+
+def test_a_task_config_that_disagrees_with_the_task_or_is_missing_is_one_line(fake_mqe, tmp_path):
+    write_task_configs(tmp_path, agents={"cylinder": 2})  # an edited checkout
+    with pytest.raises(BackendUnavailable, match="built 2 agents, the cylinder task has 3"):
+        make_env("isaacgym", num_envs=3, device="cpu", task="cylinder", mapush_root=str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BackendUnavailable, match="no task/Tblock/config.py in .*: run from the MAPush root"):
+        make_env("isaacgym", num_envs=3, device="cpu", task="tblock", mapush_root=str(empty))
