@@ -85,6 +85,12 @@ def mean_std(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return global_mean, all_mean(std * std + (mean - global_mean) ** 2).sqrt()  # sqrt(fl(s * s)) == s exactly
 
 
+def moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean square of all ranks' batches (ValueNorm's update: identical statistics on every rank)."""
+    both = all_mean(torch.stack([x.mean(), (x * x).mean()]))
+    return both[0], both[1]
+
+
 def shared_randperm(n: int, device) -> torch.Tensor:
     """A permutation all ranks use: each rank draws one (its RNG stream keeps a single pattern) and takes rank 0's,
     so all ranks run the same agent order and mini-batches, hence the same collectives in the same order."""

@@ -1,7 +1,7 @@
-"""HAPPO (Heterogeneous-Agent PPO) with a centralized critic on MAPush's cuboid pushing task: HARL's numerics, every
-documented critic fix a default (`grep -n "Fix:" *.py`). README.md explains flags, logs and results.
-    python happo_mapush.py                                      # train on the embedded VMAS task
-    python happo_mapush.py --critic-input agent0-obs            # reproduce a documented bug (ablation)
+"""HAPPO (Heterogeneous-Agent PPO) with a centralized critic on MAPush's pushing tasks: HARL's numerics, every
+documented critic fix a default (`grep -n "Fix:" *.py`), MAPPO one flag away. README.md explains flags and results.
+    python happo_mapush.py                                      # train on the embedded VMAS cuboid task
+    python happo_mapush.py --task cylinder --share-actor --no-sequential   # MAPPO, three agents and a cylinder
     python happo_mapush.py --eval-checkpoint runs/RUN/checkpoint_390.pt
     torchrun --standalone --nproc_per_node 2 happo_mapush.py    # one run over 2 processes (--num-envs per rank)
 """
@@ -13,7 +13,7 @@ except ImportError:
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
@@ -22,11 +22,11 @@ import tyro
 from torch import nn
 
 from distributed import (NonFiniteLoss, agreed, all_mean, all_sum, broadcast, broadcast_module, gather,
-                         init_distributed, mean_std, rank, rank_seed, shared_randperm, shutdown, sync_gradients,
-                         world_size)
+                         init_distributed, mean_std, moments, rank, rank_seed, shared_randperm, shutdown,
+                         sync_gradients, world_size)
 from global_state import build_global_state, global_state_dim, sanitize
-from lifecycle import (Progress, RunFolder, StopRequest, UsageError, check_args, load_checkpoint, open_run, report_stop,
-                       restore, resume_problem, save_checkpoint, snapshot)
+from lifecycle import (Progress, RunFolder, StopRequest, UsageError, args_dict, check_args, load_checkpoint, open_run,
+                       report_stop, restore, resume_problem, save_checkpoint, snapshot)
 from mapush_env import ActionRepeat, BackendUnavailable, evaluate, make_env
 from value_norm import ValueNorm
 
@@ -113,17 +113,6 @@ class Args:
     """evaluate this checkpoint deterministically instead of training"""
     eval_episodes: int = 300
     """the number of envs for evaluation; each env's first episode counts (MAPush's calculator)"""
-
-
-# The flags a resume may change, as they cannot change what the run computes (--total-timesteps too, unless
-# --anneal-lr spreads its schedule over it); every other flag must match the checkpoint.
-RESUME_FREE = ("exp_name", "track", "wandb_project_name", "log_interval", "save_interval", "resume",
-               "eval_checkpoint", "eval_episodes")
-
-
-def args_dict(args: Args) -> dict:
-    """The flags as saved in checkpoints (tuples as lists, so they survive `torch.load(weights_only=True)`)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}
 
 
 # -- networks (HARL's MLPBase and Gaussian actor) -------------------------------------------------------------------
@@ -244,18 +233,17 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
     mean, std = mean_std(advantages)
     advantages = (advantages - mean) / (std + 1e-5)
     factor = torch.ones(batch_size, device=advantages.device)
-    stats: Dict[int, Dict[str, float]] = {}
-    factors_used: Dict[int, torch.Tensor] = {}
+    stats, factors_used = {}, {}  # agent id -> {stat: value}; agent id -> the factor it trained with, [B]
     for position, agents in enumerate(turns):
-        actor, optimizer = (actors[0], optimizers[0]) if args.share_actor else (actors[agents[0]], optimizers[agents[0]])
+        own = 0 if args.share_actor else agents[0]  # the network this turn trains
+        actor, optimizer = actors[own], optimizers[own]
         # This turn's samples, sample-major: [B * len(agents), ...]
         turn_obs, turn_actions = obs[:, agents].flatten(0, 1), actions[:, agents].flatten(0, 1)
         old_logprob = logprobs[:, agents].flatten()
         turn_advantages, turn_factor = advantages.repeat_interleave(len(agents)), factor.repeat_interleave(len(agents))
         size = turn_advantages.shape[0]
-        if args.share_actor and args.sequential:  # the factor takes this turn's change of the shared actor only
-            with torch.no_grad():
-                old_logprob_now = actor.dist(turn_obs).log_prob(turn_actions).sum(-1)
+        with torch.no_grad():  # where this turn starts: the rollout's policy, unless a shared actor moved since
+            first_logprob = actor.dist(turn_obs).log_prob(turn_actions).sum(-1) if args.share_actor else old_logprob
         sums = dict.fromkeys(("policy_loss", "entropy", "ratio", "clip_fraction", "approx_kl", "grad_norm"),
                              torch.zeros((), device=advantages.device))
         for _ in range(args.ppo_epochs):
@@ -280,22 +268,19 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
                                   "clip_fraction": ((ratio - 1.0).abs() > args.clip_coef).float().mean(),
                                   "approx_kl": ((ratio - 1) - log_ratio).mean(), "grad_norm": grad_norm}
                     sums = {name: sums[name] + value for name, value in step_stats.items()}
-        means = (torch.stack(list(sums.values())) / (args.ppo_epochs * args.actor_num_minibatches)).tolist()
-        for agent in agents:
-            stats[agent] = {**dict(zip(sums, means)), "update_position": float(position)}
+        means = {name: value / (args.ppo_epochs * args.actor_num_minibatches) for name, value in sums.items()}
+        means.update(factor_mean=factor.mean(), factor_std=factor.std(), factor_min=factor.min(),
+                     factor_max=factor.max())
+        values = torch.stack([value.float() for value in means.values()]).tolist()  # one transfer
+        for agent in agents:  # logged by agent id, not update position (HARL's bug)
+            stats[agent] = {**dict(zip(means, values)), "update_position": float(position)}
             factors_used[agent] = factor
         if args.sequential:
             # The next agent's factor: this agent's joint ratio after its whole update, on the whole batch.
             with torch.no_grad():
                 new_logprob = actor.dist(turn_obs).log_prob(turn_actions).sum(-1)
-                factor = factor * (new_logprob - (old_logprob_now if args.share_actor else old_logprob)).exp()
+                factor = factor * (new_logprob - first_logprob).exp()
     return stats, factors_used
-
-
-def update_value_norm(value_norm: ValueNorm, returns: torch.Tensor) -> None:
-    """One ValueNorm step from the mean and mean square of all ranks' returns (identical statistics on all ranks)."""
-    moments = all_mean(torch.stack([returns.mean(), (returns * returns).mean()]))
-    value_norm.update_moments(moments[0], moments[1])
 
 
 def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, returns, args: Args):
@@ -303,14 +288,14 @@ def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, retu
     batch_size = returns.shape[0]
     minibatch_size = batch_size // args.critic_num_minibatches
     if args.value_norm_update == "once":
-        update_value_norm(value_norm, returns)  # Fix: one update per iteration on all returns: the targets stay put.
+        value_norm.update_moments(*moments(returns))  # Fix: once per iteration on all returns: the targets stay put.
     sums = torch.zeros(2, device=returns.device)
     for _ in range(args.critic_epochs):
         perm = shared_randperm(batch_size, returns.device)
         for start in range(0, batch_size, minibatch_size):
             idx = perm[start : start + minibatch_size]
             if args.value_norm_update == "per-minibatch":
-                update_value_norm(value_norm, returns[idx])
+                value_norm.update_moments(*moments(returns[idx]))
             target = value_norm.normalize(returns[idx])
             values = critic(critic_inputs[idx])
             loss = F.huber_loss(values, target, reduction="none", delta=args.huber_delta)
@@ -324,8 +309,7 @@ def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, retu
             grad_norm = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             optimizer.step()
             sums += torch.stack([loss.detach(), grad_norm])
-    value_loss, grad_norm = (sums / (args.critic_epochs * args.critic_num_minibatches)).tolist()
-    return value_loss, grad_norm
+    return tuple((sums / (args.critic_epochs * args.critic_num_minibatches)).tolist())
 
 
 # -- rollout ---------------------------------------------------------------------------------------------------
@@ -334,7 +318,6 @@ def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, retu
 @dataclass
 class Storage:
     """One rollout, time-major like HARL's buffers (T decisions x E envs x A agents)."""
-
     obs: torch.Tensor  # [T, E, A, obs_dim]
     actions: torch.Tensor  # [T, E, A, action_dim], the unclipped samples
     logprobs: torch.Tensor  # [T, E, A], joint over the action dims
@@ -357,17 +340,10 @@ class Storage:
 @dataclass
 class Carry:
     """What one rollout hands to the next: the current observation and critic input, each env's episode so far."""
-
     obs: torch.Tensor  # [E, A, obs_dim], non-finite entries zeroed
     critic_input: torch.Tensor  # [E, critic_input_dim]
     ep_return: torch.Tensor  # [E], team reward summed
     ep_length: torch.Tensor  # [E], env steps
-
-
-# Counts summed over the rollout (and ranks): episodes that ended, and non-finite entries zeroed by the trainer
-# ("env": those the env zeroed itself).
-EPISODE_STATS = ("count", "return", "length", "success", "exception", "time_out")
-NONFINITE_STATS = ("obs", "reward", "state", "env")
 
 
 @torch.no_grad()
@@ -375,9 +351,7 @@ def rollout(args: Args, env, m: Models, buf: Storage, carry: Carry, stop: StopRe
     """One rollout of `args.num_steps` decisions per env into `buf`, continuing from `carry` (updated in place).
     Returns the rollout's statistics by name (sums, on the device), or None when a stop is requested: the rollout is
     abandoned, and the last consistent state is the previous iteration's."""
-    zero = torch.zeros((), device=buf.rewards.device)
-    stats: Dict[str, Any] = {**{f"episodes/{n}": zero for n in EPISODE_STATS},
-                             **{f"diagnostics/nonfinite_{n}": zero for n in NONFINITE_STATS}}
+    stats: Dict[str, Any] = {}  # name -> sum over the rollout, on the device
     for step in range(args.num_steps):
         if agreed(stop.signum):  # every rank stops at the same step
             return None
@@ -404,54 +378,43 @@ def rollout(args: Args, env, m: Models, buf: Storage, carry: Carry, stop: StopRe
         carry.critic_input, bad_state = build_critic_input(args, carry.obs, env.scene)
         carry.ep_return += team_reward
         carry.ep_length += info["env_steps"]
-        ended = {"count": done, "return": carry.ep_return * done, "length": carry.ep_length * done,
-                 "success": done & info["success"], "exception": done & info["exception"],
-                 "time_out": done & info["time_out"]}
-        nonfinite = {"obs": bad_obs, "reward": bad_reward, "state": bad_state,
-                     "env": info["nonfinite_obs"].sum() + info.get("nonfinite_reward", bad_obs.new_zeros(())).sum()}
-        for name, value in ended.items():
-            stats[f"episodes/{name}"] = stats[f"episodes/{name}"] + value.sum()
-        for name, value in nonfinite.items():
-            stats[f"diagnostics/nonfinite_{name}"] = stats[f"diagnostics/nonfinite_{name}"] + value
+        step_stats = {  # the episodes that ended; entries zeroed by the trainer ("env": by the env itself)
+            "episodes/count": done, "episodes/return": carry.ep_return * done,
+            "episodes/length": carry.ep_length * done, "episodes/success": done & info["success"],
+            "episodes/exception": done & info["exception"], "episodes/time_out": done & info["time_out"],
+            "diagnostics/nonfinite_obs": bad_obs, "diagnostics/nonfinite_reward": bad_reward,
+            "diagnostics/nonfinite_state": bad_state, "diagnostics/nonfinite_env": info["nonfinite_obs"].sum()
+            + info.get("nonfinite_reward", bad_obs.new_zeros(())).sum(),
+            **{f"rewards/{name}": value for name, value in info["reward_terms"].items()}}
+        for name, value in step_stats.items():
+            stats[name] = stats.get(name, 0) + value.sum()
         carry.ep_return, carry.ep_length = carry.ep_return * ~done, carry.ep_length * ~done
-        for name, value in info["reward_terms"].items():
-            stats[f"rewards/{name}"] = stats.get(f"rewards/{name}", zero) + value.sum()
     buf.next_value = m.critic(carry.critic_input)
     return stats
 
 
-@dataclass
-class UpdateResult:
-    actor_stats: Dict[int, Dict[str, float]]  # agent id -> {stat: mean over the agent's Adam steps}
-    factors: Dict[int, torch.Tensor]  # agent id -> the factor it trained with, [B]
-    value_loss: float
-    critic_grad_norm: float
-
-
-def iteration_scalars(args: Args, m: Models, stats: dict, buf: Storage, advantages, returns,
-                      update: UpdateResult) -> Dict[str, float]:
+def iteration_scalars(args: Args, m: Models, stats: dict, buf: Storage, advantages, returns, actor_stats: dict,
+                      value_loss: float, critic_grad_norm: float) -> Dict[str, float]:
     """This iteration's scalars: counts and reward terms summed over ranks, the rest averaged; two transfers."""
     # The values as GAE used them (returns = advantages + values), not re-denormalized after this update's ValueNorm
     # step: explained variance = 1 - Var(advantages) / Var(returns).
     (returns_mean, returns_std), advantages_std = mean_std(returns), mean_std(advantages)[1]
     vn_mean, vn_var = m.value_norm.mean_var()
     means = {"losses/explained_variance": 1.0 - advantages_std**2 / (returns_std**2).clamp(min=1e-8),
-             "losses/value_loss": update.value_loss, "losses/critic_grad_norm": update.critic_grad_norm,
+             "losses/value_loss": value_loss, "losses/critic_grad_norm": critic_grad_norm,
              "diagnostics/returns_mean": returns_mean, "diagnostics/returns_std": returns_std,
              "diagnostics/values_mean": (returns - advantages).mean(), "diagnostics/rewards_mean": buf.rewards.mean(),
              "diagnostics/advantages_std": advantages_std, "diagnostics/value_norm_mean": vn_mean[0],
              "diagnostics/value_norm_std": vn_var[0].sqrt(),
              "charts/learning_rate": m.actor_optimizers[0].param_groups[0]["lr"],
              "charts/critic_learning_rate": m.critic_optimizer.param_groups[0]["lr"]}
-    for agent, agent_stats in update.actor_stats.items():  # keyed by agent id, not update position (HARL's bug)
-        f = update.factors[agent]  # min and max: the mean over ranks of each rank's extreme
-        agent_stats.update(factor_mean=f.mean(), factor_std=f.std(), factor_min=f.min(), factor_max=f.max())
+    for agent, agent_stats in actor_stats.items():  # factor min and max: the mean over ranks of each rank's extreme
         means.update({f"agent{agent}/{key}": value for key, value in agent_stats.items()})
     scalars = {}
     for group, reduce in ((stats, all_sum), (means, all_mean)):
         values = torch.stack([torch.as_tensor(v, device=returns.device).float().reshape(()) for v in group.values()])
         scalars.update(zip(group, reduce(values).tolist()))
-    ended = {name: scalars.pop(f"episodes/{name}") for name in EPISODE_STATS}
+    ended = {name[len("episodes/"):]: scalars.pop(name) for name in list(scalars) if name.startswith("episodes/")}
     if ended["count"] > 0:  # episode lengths in env steps
         scalars.update({"charts/episodes": ended["count"], "charts/episodic_return": ended["return"] / ended["count"],
                         "charts/episodic_length": ended["length"] / ended["count"],
@@ -467,9 +430,7 @@ def iteration_scalars(args: Args, m: Models, stats: dict, buf: Storage, advantag
 
 
 @dataclass
-class Run:
-    """Everything a run holds between iterations."""
-
+class Run:  # everything a run holds between iterations
     env: ActionRepeat
     m: Models
     buf: Storage
@@ -489,8 +450,7 @@ def start_run(args: Args) -> Run:
     num_iterations = args.total_timesteps // per_iteration  # >= 1: check_args
     checkpoint = None
     if args.resume is not None:  # rank 0 reads the file; every rank gets it, or the same error
-        free = RESUME_FREE if args.anneal_lr else RESUME_FREE + ("total_timesteps",)
-        checkpoint = broadcast(resume_problem(args.resume, args_dict(args), free, world_size(), num_iterations)
+        checkpoint = broadcast(resume_problem(args.resume, args_dict(args), world_size(), num_iterations)
                                if rank() == 0 else None)
         if isinstance(checkpoint, str):
             raise UsageError(checkpoint)
@@ -552,7 +512,7 @@ def train(args: Args) -> str:
             advantages, returns = compute_gae(buf.rewards, buf.values, buf.next_value, buf.dones, buf.truncated,
                                               buf.final_values, args.gamma, args.gae_lambda, m.value_norm.denormalize)
             try:  # the actors in turn (HAPPO), then the critic
-                actor_stats, factors = happo_actor_update(
+                actor_stats, _ = happo_actor_update(
                     m.actors, m.actor_optimizers, buf.obs.flatten(0, 1), buf.actions.flatten(0, 1),
                     buf.logprobs.flatten(0, 1), advantages.flatten(), args)
                 value_loss, grad_norm = critic_update(m.critic, m.critic_optimizer, m.value_norm,
@@ -562,9 +522,8 @@ def train(args: Args) -> str:
                 path = save(last_good)
                 raise SystemExit(f"non-finite {err} at iteration {iteration}; stopped. The last good checkpoint "
                                  f"(iteration {last_good['iteration']}) is {path}" if rank() == 0 else 1) from None
-            update = UpdateResult(actor_stats, factors, value_loss, grad_norm)
-            scalars = {**iteration_scalars(args, m, stats, buf, advantages, returns, update),
-                       "charts/SPS": progress.sps(global_step)}
+            scalars = iteration_scalars(args, m, stats, buf, advantages, returns, actor_stats, value_loss, grad_norm)
+            scalars["charts/SPS"] = progress.sps(global_step)
             if folder is not None:  # rank 0
                 for key, value in scalars.items():
                     folder.writer.add_scalar(key, value, global_step)
@@ -589,14 +548,13 @@ def train(args: Args) -> str:
 
 
 def mean_actions(actors, obs: torch.Tensor) -> torch.Tensor:
-    """The actors' deterministic actions [E, A, act_dim] for the observations obs [E, A, obs_dim] (one actor: shared)."""
+    """The deterministic actions [E, A, act_dim] for observations [E, A, obs_dim] (a single actor: shared)."""
     return torch.stack([actors[i % len(actors)].dist(obs[:, i]).mean for i in range(obs.shape[1])], dim=1)
 
 
 def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
     """The actors of a loaded checkpoint, rebuilt as its run's flags describe them."""
-    actors = [Actor(env.obs_dim, env.action_dim, checkpoint["args"]["hidden_sizes"])
-              for _ in checkpoint["actors"]]
+    actors = [Actor(env.obs_dim, env.action_dim, checkpoint["args"]["hidden_sizes"]) for _ in checkpoint["actors"]]
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
     return [actor.to(device) for actor in actors]

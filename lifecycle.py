@@ -29,13 +29,19 @@ import torch
 # still has them): a checkpoint that used one cannot be rebuilt by this code and is refused.
 RETIRED = {"tanh_mean": False, "input_norm": "layernorm", "std_max": 0.5, "obs_stack": 1}
 RETIRED_AT = "0aee1c9"  # the last commit that has them
-ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}  # flags added since: what a checkpoint without them ran
+# Flags added since: the value a checkpoint without them ran with.
+ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}
 CHECKPOINT_KEYS = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration",
                    "global_step", "args", "run_name"}
 
 
 class UsageError(ValueError):
     """Bad flags, a missing, corrupt or foreign checkpoint: reported in one line, exit code 2."""
+
+
+def args_dict(args) -> dict:
+    """The flags as saved in checkpoints (tuples as lists, so they survive `torch.load(weights_only=True)`)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
 
 
 def flag(name: str, value=None) -> str:
@@ -243,12 +249,19 @@ def hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def resume_problem(path: str, current: dict, free: Sequence[str], world: int, num_iterations: int):
+# The flags a resume may change, as they cannot change what the run computes (--total-timesteps too, unless
+# --anneal-lr spreads its schedule over it); every other flag must match the checkpoint.
+RESUME_FREE = ("exp_name", "track", "wandb_project_name", "log_interval", "save_interval", "resume",
+               "eval_checkpoint", "eval_episodes")
+
+
+def resume_problem(path: str, current: dict, world: int, num_iterations: int):
     """The checkpoint at `path` if the run `current` (its flags) may resume from it, else why not, in one line."""
     try:
         checkpoint = load_checkpoint(path, "cpu")
     except UsageError as err:
         return str(err)
+    free = RESUME_FREE if current["anneal_lr"] else RESUME_FREE + ("total_timesteps",)
     differ = resume_differences(checkpoint["args"], current, free)
     if differ:
         return f"--resume {path}: these flags differ from the checkpoint's run: {', '.join(differ)}"

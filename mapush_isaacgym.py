@@ -140,9 +140,9 @@ class IsaacGymPushEnv:
         self.base_env = getattr(self.wrapper, "env", self.wrapper)  # MQE's Go1Object: flags and state buffers
         self.num_envs, self.num_agents = int(self.base_env.num_envs), int(self.base_env.num_agents)
         if self.num_agents != TASKS[task].num_agents:
-            raise BackendUnavailable(f"MAPush's task/{MAPUSH_TASK_DIRS[task]}/config.py built {self.num_agents} agents, "
-                                     f"the {task} task has {TASKS[task].num_agents}: is that MAPush checkout's file "
-                                     f"edited?")
+            raise BackendUnavailable(
+                f"MAPush's task/{MAPUSH_TASK_DIRS[task]}/config.py built {self.num_agents} agents, the {task} task "
+                f"has {TASKS[task].num_agents}: is that MAPush checkout's file edited?")
         self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
         self.detected = wrapper_team_reward is None
         self.wrapper_team_reward = (hasattr(self.wrapper, FORK_TEAM_SUM_ATTRIBUTE) if self.detected

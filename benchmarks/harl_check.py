@@ -12,8 +12,8 @@ permutation from torch's global generator seeded alike, and train on the same ra
 script prints the largest absolute difference per network and per statistic and exits 1 above --tolerance.
 
     git clone https://github.com/PKU-MARL/HARL /tmp/HARL
-    python benchmarks/harl_check.py --harl-dir /tmp/HARL                          # HARL upstream: ValueNorm per mini-batch
-    python benchmarks/harl_check.py --harl-dir /tmp/HARL --value-norm-update once # the fix: once, before the epochs
+    python benchmarks/harl_check.py --harl-dir /tmp/HARL            # HARL upstream: ValueNorm per mini-batch
+    python benchmarks/harl_check.py --harl-dir /tmp/HARL --value-norm-update once   # the fix: once, before the epochs
 
 HARL needs numpy and torch only on this path; PyYAML, gym, absl and the envs are not needed.
 """
@@ -59,7 +59,8 @@ def import_harl(harl_dir: str) -> types.SimpleNamespace:
         return getattr(importlib.import_module(module), name)
 
     return types.SimpleNamespace(
-        HAPPO=load("harl.algorithms.actors.happo", "HAPPO"), VCritic=load("harl.algorithms.critics.v_critic", "VCritic"),
+        HAPPO=load("harl.algorithms.actors.happo", "HAPPO"),
+        VCritic=load("harl.algorithms.critics.v_critic", "VCritic"),
         ValueNorm=load("harl.common.valuenorm", "ValueNorm"),
         ActorBuffer=load("harl.common.buffers.on_policy_actor_buffer", "OnPolicyActorBuffer"),
         CriticBuffer=load("harl.common.buffers.on_policy_critic_buffer_ep", "OnPolicyCriticBufferEP"))

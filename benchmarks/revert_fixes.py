@@ -32,7 +32,8 @@ REVERTS = {
         ["tests/test_global_state.py::test_mqe_scene_does_not_depend_on_env_origins"],
         "box and target stay in MQE's world frame while the agents are env-relative"),
     "velocities": (
-        "global_state.py", "scene.agent_lin_vel * LIN_VEL_SCALE,\n            scene.agent_ang_vel.unsqueeze(-1) * ANG_VEL_SCALE,",
+        "global_state.py",
+        "scene.agent_lin_vel * LIN_VEL_SCALE,\n            scene.agent_ang_vel.unsqueeze(-1) * ANG_VEL_SCALE,",
         "torch.zeros_like(scene.agent_lin_vel),\n            torch.zeros_like(scene.agent_ang_vel).unsqueeze(-1),",
         ["tests/test_global_state.py::test_exact_vector_for_hand_built_scene"],
         "the state carries no velocities (zeros where they belong)"),

@@ -46,7 +46,8 @@ def test_two_ranks_hold_identical_models_and_explore_differently(tmp_path):
     assert not torch.equal(envs[0], envs[1])
     assert not torch.equal(ranks[0]["local"]["rng"]["torch"], ranks[1]["local"]["rng"]["torch"])
     run_dir = only_run_dir(tmp_path)  # rank 0 alone writes: one folder, one checkpoint with both ranks' parts
-    assert [n for n in os.listdir(run_dir) if n.endswith(".pt")] == ["checkpoint_3.pt"] and result.stdout.count("checkpoint: ") == 1
+    assert [n for n in os.listdir(run_dir) if n.endswith(".pt")] == ["checkpoint_3.pt"]
+    assert result.stdout.count("checkpoint: ") == 1
     checkpoint = H.load_checkpoint(os.path.join(run_dir, "checkpoint_3.pt"), "cpu")
     assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
     assert checkpoint["global_step"] == 3 * 2 * ITERATION  # both ranks' env steps

@@ -108,7 +108,8 @@ def test_collision_distance_per_task(task):
     env.agents[1].state.pos = torch.tensor([[5.0 + gap, 5.0] for gap in (0.19, 0.2, 0.21, 0.22, 0.24, 0.3)])
     _, _, done, info = env.step(torch.zeros(6, env.num_agents, 3))
     distance = torch.linalg.vector_norm(info["final_scene"].agent_xy[:, 0] - info["final_scene"].agent_xy[:, 1], dim=-1)
-    assert torch.equal(info["exception"], distance < TASKS[task].collision_radius) and torch.equal(done, info["exception"])
+    assert torch.equal(info["exception"], distance < TASKS[task].collision_radius)
+    assert torch.equal(done, info["exception"])
     assert bool(((distance >= 0.25) & (distance < 0.27)).any())  # a case where the T-block and the others differ
     assert TASKS[task].collision_radius == (0.27 if task == "tblock" else 0.25)
 

@@ -1,0 +1,113 @@
+"""The statistics every table in docs/results.md reports, from rliable (Agarwal et al., NeurIPS 2021).
+
+rliable is the field's reference implementation of these estimators, so our numbers are comparable with papers that
+use it and a reviewer need not audit a hand-written bootstrap: the interquartile mean (IQM) over seeds with a 95 %
+stratified percentile-bootstrap confidence interval, and the probability of improvement P(X > Y) with its CI. It is a
+benchmarks-only dependency (benchmarks/requirements.txt); the trainer does not need it.
+
+    python benchmarks/stats.py CSV [--group arm] [--baseline default] [--value eval_success]
+        prints, per group and checkpoint, IQM [95 % CI], min-max over seeds and P(baseline > group)
+
+A CSV has one row per run and checkpoint, with columns for the group (e.g. `arm`, `task`), `seed`, `iteration` or
+`env_steps`, and the value (e.g. `eval_success`), as benchmarks/sweep.py and benchmarks/compare.py write them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import warnings
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+REPS = 50_000  # bootstrap resamples (rliable's default)
+SEED = 0  # the bootstrap's own random state: the same CSV always gives the same intervals
+
+
+def _rliable():
+    # arch, under rliable, warns that a RandomState argument is deprecated; rliable passes ours, for reproducibility
+    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+    try:
+        from rliable import library, metrics
+    except ImportError as err:  # one line, not a traceback
+        raise SystemExit(f"error: the statistics need rliable: pip install -r benchmarks/requirements.txt ({err})")
+    return library, metrics
+
+
+def iqm(values: Sequence[float], reps: int = REPS) -> Tuple[float, float, float]:
+    """(IQM, low, high) over runs: the 25 % trimmed mean with a 95 % percentile-bootstrap CI (one task: the
+    stratified bootstrap resamples the runs)."""
+    library, metrics = _rliable()
+    scores = {"x": np.asarray(values, dtype=float).reshape(-1, 1)}
+    point, interval = library.get_interval_estimates(
+        scores, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=reps,
+        random_state=np.random.RandomState(SEED))
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def probability_of_improvement(x: Sequence[float], y: Sequence[float], reps: int = 2_000) -> Tuple[float, float, float]:
+    """(P(X > Y), low, high): the chance that a run of X beats a run of Y (ties count half), with a 95 % CI."""
+    library, metrics = _rliable()
+    pair = {"xy": [np.asarray(x, dtype=float).reshape(-1, 1), np.asarray(y, dtype=float).reshape(-1, 1)]}
+    point, interval = library.get_interval_estimates(pair, metrics.probability_of_improvement, reps=reps,
+                                                     random_state=np.random.RandomState(SEED))
+    return float(point["xy"]), float(interval["xy"][0]), float(interval["xy"][1])
+
+
+def cell(values: Sequence[float], percent: bool = True) -> str:
+    """`IQM [low, high], min-max (n)` of a list of per-seed values."""
+    scale, unit = (100.0, " %") if percent else (1.0, "")
+    centre, low, high = iqm(values)
+    return (f"{scale * centre:.1f}{unit} [{scale * low:.1f}, {scale * high:.1f}], "
+            f"{scale * min(values):.1f}-{scale * max(values):.1f} (n={len(values)})")
+
+
+def read(path: str) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = "") -> str:
+    """A markdown table: one row per group value, one column per checkpoint, and P(baseline > group) per column."""
+    checkpoints = sorted({int(r["iteration"]) for r in rows})
+    steps = {int(r["iteration"]): int(r["env_steps"]) for r in rows}
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    runs = {(g, c): [float(r[value]) for r in rows if r[group] == g and int(r["iteration"]) == c]
+            for g in groups for c in checkpoints}
+    heads = [f"{steps[c] / 1e6:.1f} M" for c in checkpoints]
+    lines = [f"| {group} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for g in groups:
+        lines.append(f"| {g} | " + " | ".join(cell(runs[(g, c)]) for c in checkpoints) + " |")
+    if baseline and baseline not in groups:
+        raise SystemExit(f"error: --baseline {baseline} is not one of the {group} values: {', '.join(groups)}")
+    if baseline:
+        lines += ["", f"P({baseline} > arm) [95 % CI] over seeds:", "", f"| arm | " + " | ".join(heads) + " |",
+                  "|---|" + "---|" * len(heads)]
+        for g in groups:
+            if g != baseline:
+                cells = [probability_of_improvement(runs[(baseline, c)], runs[(g, c)]) for c in checkpoints]
+                lines.append(f"| {g} | " + " | ".join(f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv")
+    parser.add_argument("--group", default="arm", help="the column whose values are compared (default: arm)")
+    parser.add_argument("--value", default="eval_success")
+    parser.add_argument("--baseline", default="", help="a group value: P(baseline > each other group)")
+    parser.add_argument("--where", nargs="*", default=[], help="column=value filters, e.g. task=cylinder")
+    args = parser.parse_args()
+    rows = read(args.csv)
+    for condition in args.where:
+        column, wanted = condition.split("=", 1)
+        rows = [r for r in rows if r.get(column) == wanted]
+    if not rows:
+        raise SystemExit(f"error: no rows in {args.csv} match {' '.join(args.where)}")
+    print(table(rows, args.group, args.value, args.baseline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
