@@ -16,19 +16,52 @@ sys.path.insert(0, ROOT)
 
 
 def start_training(run_root: str, exp_name: str, seed: int, flags: Sequence[str], threads: int) -> subprocess.Popen:
-    """Start `happo_mapush.py` in `run_root` (its runs/ folder lands there); stdout goes to a log file."""
+    """Start `happo_mapush.py` in `run_root` (its runs/ folder lands there); stdout goes to a log file. A run of the
+    same name and seed that has checkpoints there continues from its newest one (a benchmark cut short by the end of
+    a session continues exactly where it stopped)."""
     os.makedirs(run_root, exist_ok=True)
-    log = open(os.path.join(run_root, f"{exp_name}__{seed}.log"), "w")
+    newest = newest_checkpoint(run_root, exp_name, seed)
+    log = open(os.path.join(run_root, f"{exp_name}__{seed}.log"), "a")
     cmd = [sys.executable, os.path.join(ROOT, "happo_mapush.py"), "--exp-name", exp_name, "--seed", str(seed),
-           "--no-cuda", *flags]
+           "--no-cuda", *flags] + (["--resume", newest] if newest else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.time()
-    with open(os.path.join(run_root, f"{exp_name}__{seed}.start"), "w") as f:
-        f.write(f"{started}\n")  # lets checkpoints' file times be turned into wall-clock since the start
+    if not newest:
+        with open(os.path.join(run_root, f"{exp_name}__{seed}.start"), "w") as f:
+            f.write(f"{started}\n")  # lets checkpoints' file times be turned into wall-clock since the start
     proc = subprocess.Popen(cmd, cwd=run_root, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.started = started  # type: ignore[attr-defined]
     proc.cmd = cmd  # type: ignore[attr-defined]
     return proc
+
+
+def newest_checkpoint(run_root: str, exp_name: str, seed: int) -> str:
+    """The newest checkpoint of the run (exp_name, seed) under run_root, or "" if there is none."""
+    try:
+        saved = checkpoints(run_dir(run_root, exp_name, seed))
+    except FileNotFoundError:
+        return ""
+    return saved[-1][1] if saved else ""
+
+
+def training_seconds(directory: str) -> float:
+    """The wall-clock a run spent training, from its TensorBoard event times: each launch (one event file each, so a
+    resumed run counts only its own launches, not the pauses between them) from its first logged iteration to its
+    last, plus one median iteration for the first iteration of each launch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    total, gaps = 0.0, []
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        times = [e.wall_time for e in acc.Scalars("losses/value_loss")] if "losses/value_loss" in acc.Tags()[
+            "scalars"] else []
+        if times:
+            total += times[-1] - times[0]
+            gaps += [b - a for a, b in zip(times, times[1:])]
+    median = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+    launches = len(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
+    return total + median * launches
 
 
 def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int,

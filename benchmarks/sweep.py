@@ -4,7 +4,8 @@ Trains every arm (the default plus one changed setting each) for every seed, `--
 torch thread each, interleaved seed by seed so that the machine's speed that hour falls on all arms alike. Evaluates
 the checkpoints nearest below `--at` million env steps with MAPush's calculator on `--eval-episodes` envs for each
 of `--eval-seeds` (averaged), and writes `sweep.csv` and a markdown table (`sweep.md`) into the output folder: a new
-time-stamped folder under benchmarks/results/ unless `--out` names one (then finished runs are not trained again).
+time-stamped folder under benchmarks/results/ unless `--out` names one (then finished runs are not trained again, and
+unfinished ones continue from their newest checkpoint).
 
     python benchmarks/sweep.py --arms ent_coef_0.01 gae_lambda_0.98 actor_256x256 ppo_epochs_10 ent_coef_0.02 \
         --seeds 1 2 3 -- --ent-coef 0.01                  # the screen of docs/results.md
@@ -22,7 +23,7 @@ import sys
 from functools import reduce
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import checkpoints, evaluate_checkpoint, fresh_folder, run_all, run_dir, start_time  # noqa: E402
+from common import checkpoints, evaluate_checkpoint, fresh_folder, run_all, run_dir, training_seconds  # noqa: E402
 
 # Each arm changes one setting of the default (flags appended after the common flags, so they win). The sweep of
 # docs/results.md ran while the default entropy coefficient was 0.01: rerun it with `-- --ent-coef 0.01`.
@@ -70,7 +71,7 @@ def main() -> None:
         for seed in args.seeds:
             directory = run_dir(out, arm, seed)
             saved = dict(checkpoints(directory))
-            wall = os.path.getmtime(saved[max(iterations)]) - start_time(out, arm, seed)
+            wall = training_seconds(directory)
             for iteration in iterations:
                 evals = [evaluate_checkpoint(saved[iteration], args.eval_episodes, s) for s in args.eval_seeds]
                 rows.append(dict(arm=arm, seed=seed, iteration=iteration, env_steps=evals[0][2],
