@@ -332,11 +332,10 @@ class VmasPushEnv:
             # VMAS friction: the linear coefficient is a deceleration (mu * g), the angular one a torque / Izz.
             entity = Landmark("box" if i == 0 else f"box_part{i}", shape=shape, movable=True, rotatable=True,
                               mass=part.mass, linear_friction=self.box_mu * GRAVITY,
-                              angular_friction=self.box_mu * GRAVITY * part.mass * arm / part.izz)
+                              angular_friction=self.box_mu * GRAVITY * part.mass * arm / part.izz,
+                              collision_filter=lambda other: other not in self.parts)  # links never collide
             self.world.add_landmark(entity)
             self.parts.append(entity)
-        for entity in self.parts:  # the links of one object never collide with each other
-            entity.collision_filter = lambda other, own=tuple(self.parts): other not in own
         self.box = self.parts[0]
         self.agents = []
         for i in range(self.num_agents):

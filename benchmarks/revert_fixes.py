@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REVERTS = {
     "global_state": (
         "happo_mapush.py", 'if args.critic_input == "agent0-obs":', "if True:",
-        ["tests/test_happo.py::test_critic_input_width", "tests/test_rollout.py"],
+        ["tests/test_happo.py::test_critic_input_width",
+         "tests/test_rollout.py::test_the_critic_sees_the_post_reset_state_of_the_next_decision"],
         "the critic sees agent 0's observation whatever --critic-input says"),
     "env_relative_frame": (
         "mapush_isaacgym.py", "box_xy = npc[:, 0, 0:2] - origins_xy\n    target_xy = npc[:, 1, 0:2] - origins_xy",
