@@ -94,8 +94,8 @@ class Args:
     """the Huber loss delta of the value loss (in normalized-return units)"""
     team_reward: Literal["sum", "mean"] = "sum"
     """how the critic's reward is formed from the per-agent rewards: `sum` (MAPush fork) or `mean`"""
-    critic_input: Literal["global-state", "agent0-obs"] = "global-state"
-    """what the critic sees: `global-state` (the fix) or `agent0-obs` (the documented bug)"""
+    critic_input: Literal["global-state", "global-state-full", "agent0-obs"] = "global-state"
+    """the critic's input: global-state (the fix), global-state-full (+ object velocity, cos/sin yaws), agent0-obs"""
     value_norm_update: Literal["once", "per-minibatch"] = "once"
     """when ValueNorm is updated: `once` per iteration on all returns (the fix) or `per-minibatch` (HARL upstream)"""
     sequential: bool = True
@@ -163,7 +163,7 @@ def build_critic_input(args: Args, obs: torch.Tensor, scene_fn) -> Tuple[torch.T
     if args.critic_input == "agent0-obs":
         return obs[:, 0], torch.zeros((), dtype=torch.long, device=obs.device)
     # Fix: the critic sees the global state (env-relative frame, with velocities), not agent 0's local view.
-    return build_global_state(scene_fn())
+    return build_global_state(scene_fn(), args.critic_input)
 
 
 @dataclass
@@ -179,7 +179,8 @@ class Models:
 def build_models(args: Args, env, device) -> Models:
     num_actors = 1 if args.share_actor else env.num_agents
     actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes).to(device) for _ in range(num_actors)]
-    critic_input_dim = global_state_dim(env.num_agents) if args.critic_input == "global-state" else env.obs_dim
+    critic_input_dim = env.obs_dim if args.critic_input == "agent0-obs" else global_state_dim(env.num_agents,
+                                                                                              args.critic_input)
     critic = Critic(critic_input_dim, args.critic_hidden_sizes).to(device)
     # HARL: Adam with eps 1e-5 and no weight decay, one optimizer per actor network.
     return Models(actors, [torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5) for a in actors], critic,

@@ -13,7 +13,7 @@ The contract of both backends (README, "Code tour"): `make_env`, `Scene`, `Actio
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -30,6 +30,8 @@ class Scene(NamedTuple):
     agent_yaw: torch.Tensor  # [E, A] in [0, 2*pi)
     agent_lin_vel: torch.Tensor  # [E, A, 2] body frame (forward, left), m/s
     agent_ang_vel: torch.Tensor  # [E, A] yaw rate, rad/s
+    box_lin_vel: Optional[torch.Tensor] = None  # [E, 2] env (= world) frame, m/s
+    box_ang_vel: Optional[torch.Tensor] = None  # [E] yaw rate, rad/s
 
 
 BACKENDS = ("vmas", "isaacgym")
@@ -379,7 +381,8 @@ class VmasPushEnv:
     def scene(self) -> Scene:
         xy, yaw, vel, ang_vel = self._agents_state()
         box_xy, box_yaw = self._box_state()
-        return Scene(box_xy, box_yaw, self.target_xy, xy, yaw, rotate(vel, -yaw), ang_vel)
+        return Scene(box_xy, box_yaw, self.target_xy, xy, yaw, rotate(vel, -yaw), ang_vel, self.box.state.vel,
+                     self.box.state.ang_vel[:, 0])
 
     def _observe(self) -> torch.Tensor:
         xy, yaw, _, _ = self._agents_state()
@@ -504,7 +507,7 @@ class VmasPushEnv:
             "reward_terms": terms,
             "final_obs": obs,
             "final_scene": Scene(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw, rotate(vel, -agent_yaw),
-                                 ang_vel),
+                                 ang_vel, self.box.state.vel, self.box.state.ang_vel[:, 0]),
             "nonfinite_obs": nonfinite,
         }
         if bool(done.any()):

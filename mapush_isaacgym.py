@@ -81,7 +81,9 @@ def scene_from_mqe(wrapper: Any) -> Scene:
     # Fix: include the agents' body-frame velocities (MQE's base_lin_vel / base_ang_vel, unscaled).
     lin_vel = quat_rotate_inverse(quat, agents[..., 7:10])[..., 0:2]
     ang_vel = quat_rotate_inverse(quat, agents[..., 10:13])[..., 2]
-    return Scene(box_xy, box_yaw, target_xy, agent_xy, quat_to_yaw(quat), lin_vel, ang_vel)
+    box_vel = npc[:, 0, 7:13]  # world frame: the box's velocity and yaw rate (it stays flat on the ground)
+    return Scene(box_xy, box_yaw, target_xy, agent_xy, quat_to_yaw(quat), lin_vel, ang_vel, box_vel[:, 0:2],
+                 box_vel[:, 5])
 
 
 MAPUSH_TASK_DIRS = {"cuboid": "cuboid", "tblock": "Tblock", "cylinder": "cylinder"}  # MAPush's task/<object>/

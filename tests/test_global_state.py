@@ -32,12 +32,47 @@ def test_exact_vector_for_hand_built_scene():
     assert nonfinite.item() == 0
 
 
+def test_full_layout_adds_the_object_velocity_and_yaws_as_cos_and_sin():
+    scene = hand_scene()._replace(box_lin_vel=torch.tensor([[0.2, -0.4]]), box_ang_vel=torch.tensor([0.8]))
+    state, nonfinite = build_global_state(scene, "global-state-full")
+    c, s = math.cos, math.sin
+    expected = torch.tensor([[12.0, 0.5, c(1.0), s(1.0), 0.4, -0.8, 0.2, 14.0, -1.0,
+                              11.0, 1.5, c(0.5), s(0.5), 0.6, -0.2, 0.1,
+                              10.5, -0.5, c(6.0), s(6.0), 0.0, 0.4, -0.05]])
+    assert state.shape == (1, 23) and global_state_dim(2, "global-state-full") == 23 and nonfinite.item() == 0
+    torch.testing.assert_close(state, expected)
+    assert global_state_dim(3, "global-state-full") == 30
+    # continuous across the wrap: a yaw just below 2 pi and one just above 0 give nearby states (raw: 2 pi apart)
+    near = [build_global_state(scene._replace(box_yaw=torch.tensor([yaw])), layout)[0]
+            for layout in ("global-state", "global-state-full") for yaw in (2 * math.pi - 1e-3, 1e-3)]
+    assert (near[0] - near[1]).abs().max() > 6.0 and (near[2] - near[3]).abs().max() < 3e-3
+
+
+def test_both_backends_give_the_objects_velocity():
+    import mapush_env as M
+
+    env = M.make_env("vmas", num_envs=3, seed=0)
+    env.reset()
+    env.box.state.vel = torch.tensor([[0.1, 0.2]] * 3)
+    env.box.state.ang_vel = torch.tensor([[0.5]] * 3)
+    scene = env.scene()
+    assert torch.equal(scene.box_lin_vel, env.box.state.vel) and torch.equal(scene.box_ang_vel, torch.full((3,), 0.5))
+    _, _, _, info = env.step(torch.zeros(3, 2, 3))
+    assert info["final_scene"].box_lin_vel.shape == (3, 2) and info["final_scene"].box_ang_vel.shape == (3,)
+    wrapper = fake_mqe_wrapper(torch.zeros(1, 3))
+    npc = wrapper.env.root_states_npc.reshape(1, 2, 13)
+    npc[0, 0, 7:13] = torch.tensor([0.3, -0.2, 0.0, 0.0, 0.0, 0.7])
+    mqe = scene_from_mqe(wrapper)
+    torch.testing.assert_close(mqe.box_lin_vel, torch.tensor([[0.3, -0.2]]))
+    torch.testing.assert_close(mqe.box_ang_vel, torch.tensor([0.7]))
+
+
 def test_three_agents_give_23_dims():
     s = hand_scene()
     def with_copy_of_agent0(x):
         return torch.cat([x, x[:, :1]], 1)
 
-    three = Scene(s.box_xy, s.box_yaw, s.target_xy, *(with_copy_of_agent0(x) for x in s[3:]))
+    three = Scene(s.box_xy, s.box_yaw, s.target_xy, *(with_copy_of_agent0(x) for x in s[3:7]))
     state, _ = build_global_state(three)
     assert state.shape == (1, 23) and global_state_dim(3) == 23
     assert torch.allclose(state[:, 17:], state[:, 5:11])

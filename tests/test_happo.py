@@ -183,7 +183,7 @@ def test_clipped_huber_value_loss_by_hand():
     assert loss_unclipped == pytest.approx(huber(y - v).mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("agent0-obs", 8)])
+@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("global-state-full", 23), ("agent0-obs", 8)])
 def test_critic_input_width(critic_input, width):
     args = make_args(critic_input=critic_input)
     env = make_env("vmas", num_envs=4, seed=0)
@@ -195,7 +195,7 @@ def test_critic_input_width(critic_input, width):
     if critic_input == "agent0-obs":
         assert torch.equal(x, obs[:, 0])
     else:  # the global state of the env's current scene, which agent 0's observation is not part of
-        assert torch.equal(x, build_global_state(env.scene())[0])
+        assert torch.equal(x, build_global_state(env.scene(), critic_input)[0])
 
 
 def test_networks_follow_harl_initialisation():
