@@ -57,3 +57,20 @@ def build_global_state(scene: Scene, layout: str = "global-state") -> Tuple[torc
         box += [scene.box_lin_vel * LIN_VEL_SCALE, scene.box_ang_vel.unsqueeze(-1) * ANG_VEL_SCALE]
     state = torch.cat(box + [scene.target_xy, per_agent.reshape(num_envs, -1)], dim=-1)
     return sanitize(state)
+
+
+class CosSinYaws(torch.nn.Module):
+    """An actor's input transform (issue 21's candidate, `--actor-input obs-cos-sin`): MQE's observation [..., 2 + 3A]
+    keeps its positions, and each relative yaw (entries 4, 7, ...: the object's and the other agents') becomes
+    (cos, sin), continuous where the raw angle jumps at 0 = 2*pi: [..., 2 + 4A]. The env's observations stay MQE's."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        yaws = list(range(4, obs_dim, 3))
+        self.yaws, self.others = yaws, [i for i in range(obs_dim) if i not in yaws]
+        self.out_dim = obs_dim + len(yaws)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        yaw = obs[..., self.yaws]
+        return torch.cat([obs[..., self.others], torch.cos(yaw), torch.sin(yaw)], dim=-1)
+

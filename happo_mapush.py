@@ -24,7 +24,7 @@ from torch import nn
 from distributed import (NonFiniteLoss, agreed, all_mean, all_sum, broadcast, broadcast_module, gather,
                          init_distributed, mean_std, moments, rank, rank_seed, shared_randperm, shutdown,
                          sync_gradients, world_size)
-from global_state import build_global_state, global_state_dim, sanitize
+from global_state import CosSinYaws, build_global_state, global_state_dim, sanitize
 from lifecycle import (Progress, RunFolder, StopRequest, UsageError, args_dict, check_args, load_checkpoint, open_run,
                        report_stop, restore, resume_problem, save_checkpoint, snapshot)
 from mapush_env import ActionRepeat, BackendUnavailable, evaluate, make_env
@@ -94,6 +94,8 @@ class Args:
     """the Huber loss delta of the value loss (in normalized-return units)"""
     team_reward: Literal["sum", "mean"] = "sum"
     """how the critic's reward is formed from the per-agent rewards: `sum` (MAPush fork) or `mean`"""
+    actor_input: Literal["obs", "obs-cos-sin"] = "obs"
+    """the actors' input: MQE's observation, or with every relative yaw as its cos and sin (a trainer-side transform)"""
     critic_input: Literal["global-state", "global-state-full", "agent0-obs"] = "global-state"
     """the critic's input: global-state (the fix), global-state-full (+ object velocity, cos/sin yaws), agent0-obs"""
     value_norm_update: Literal["once", "per-minibatch"] = "once"
@@ -136,9 +138,10 @@ def mlp_trunk(in_dim: int, hidden_sizes) -> nn.Sequential:
 class Actor(nn.Module):
     """Gaussian policy with a state-independent std = 0.5 * sigmoid(logit), the logit initialised to 1 (HARL)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, actor_input: str = "obs"):
         super().__init__()
-        self.trunk = mlp_trunk(obs_dim, hidden_sizes)
+        features = [CosSinYaws(obs_dim)] if actor_input == "obs-cos-sin" else []  # an input transform, or none
+        self.trunk = nn.Sequential(*features, *mlp_trunk(features[0].out_dim if features else obs_dim, hidden_sizes))
         self.mean = layer_init(nn.Linear(hidden_sizes[-1], action_dim), 0.01)
         self.std_logit = nn.Parameter(torch.ones(action_dim))
 
@@ -177,8 +180,8 @@ class Models:
 
 
 def build_models(args: Args, env, device) -> Models:
-    num_actors = 1 if args.share_actor else env.num_agents
-    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes).to(device) for _ in range(num_actors)]
+    actors = [Actor(env.obs_dim, env.action_dim, args.hidden_sizes, args.actor_input).to(device)
+              for _ in range(1 if args.share_actor else env.num_agents)]  # one per agent, or one shared
     critic_input_dim = env.obs_dim if args.critic_input == "agent0-obs" else global_state_dim(env.num_agents,
                                                                                               args.critic_input)
     critic = Critic(critic_input_dim, args.critic_hidden_sizes).to(device)
@@ -192,12 +195,9 @@ def build_models(args: Args, env, device) -> Models:
 
 
 def compute_gae(rewards, values, next_value, dones, truncated, final_values, gamma, gae_lambda, denormalize):
-    """GAE over [T, E] tensors; returns (advantages, returns), both in raw (denormalized) reward units.
-
-    values, next_value [E] and final_values are normalized critic outputs; `denormalize` maps them to raw units.
-    dones[t]: the episode ended at step t (no bootstrap from the reset state that follows); truncated[t]: it ended by
-    time-out, so bootstrap from final_values[t], the critic's value of the state before the auto-reset.
-    """
+    """GAE over [T, E] tensors -> (advantages, returns) in raw reward units. values, next_value [E] and final_values
+    are normalized (`denormalize` maps them to raw units). dones[t]: the episode ended at step t (no bootstrap from the
+    reset state that follows); truncated[t]: by time-out, so bootstrap from final_values[t], the pre-reset state."""
     raw_values = denormalize(torch.cat([values, next_value.unsqueeze(0)]))  # [T + 1, E]
     raw_final = denormalize(final_values) * truncated
     not_done = 1.0 - dones
@@ -286,8 +286,7 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
 
 def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, returns, args: Args):
     """Clipped Huber value loss in normalized space; returns (mean value loss, mean grad norm)."""
-    batch_size = returns.shape[0]
-    minibatch_size = batch_size // args.critic_num_minibatches
+    batch_size, minibatch_size = returns.shape[0], returns.shape[0] // args.critic_num_minibatches
     if args.value_norm_update == "once":
         value_norm.update_moments(*moments(returns))  # Fix: once per iteration on all returns: the targets stay put.
     sums = torch.zeros(2, device=returns.device)
@@ -397,8 +396,7 @@ def rollout(args: Args, env, m: Models, buf: Storage, carry: Carry, stop: StopRe
 def iteration_scalars(args: Args, m: Models, stats: dict, buf: Storage, advantages, returns, actor_stats: dict,
                       value_loss: float, critic_grad_norm: float) -> Dict[str, float]:
     """This iteration's scalars: counts and reward terms summed over ranks, the rest averaged; two transfers."""
-    # The values as GAE used them (returns = advantages + values), not re-denormalized after this update's ValueNorm
-    # step: explained variance = 1 - Var(advantages) / Var(returns).
+    # Explained variance = 1 - Var(advantages) / Var(returns), from the values GAE used (returns - advantages).
     (returns_mean, returns_std), advantages_std = mean_std(returns), mean_std(advantages)[1]
     vn_mean, vn_var = m.value_norm.mean_var()
     means = {"losses/explained_variance": 1.0 - advantages_std**2 / (returns_std**2).clamp(min=1e-8),
@@ -555,10 +553,12 @@ def mean_actions(actors, obs: torch.Tensor) -> torch.Tensor:
 
 def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
     """The actors of a loaded checkpoint, rebuilt as its run's flags describe them."""
-    actors = [Actor(env.obs_dim, env.action_dim, checkpoint["args"]["hidden_sizes"]) for _ in checkpoint["actors"]]
+    saved = checkpoint["args"]
+    actors = [Actor(env.obs_dim, env.action_dim, saved["hidden_sizes"], saved["actor_input"]).to(device)
+              for _ in checkpoint["actors"]]  # one per agent, or one shared
     for actor, state in zip(actors, checkpoint["actors"]):
         actor.load_state_dict(state)
-    return [actor.to(device) for actor in actors]
+    return actors
 
 
 def policy_env(saved: dict, num_envs: int, device, seed: int) -> ActionRepeat:

@@ -30,7 +30,7 @@ import torch
 RETIRED = {"tanh_mean": False, "input_norm": "layernorm", "std_max": 0.5, "obs_stack": 1}
 RETIRED_AT = "0aee1c9"  # the last commit that has them
 # Flags added since: the value a checkpoint without them ran with.
-ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}
+ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False, "actor_input": "obs"}
 CHECKPOINT_KEYS = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration",
                    "global_step", "args", "run_name"}
 

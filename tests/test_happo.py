@@ -1,5 +1,6 @@
 """The trainer's math: GAE with ValueNorm and time-outs, the HAPPO factor, ValueNorm update timing, critic input."""
 import copy
+import math
 
 import pytest
 import torch
@@ -314,3 +315,33 @@ def test_shared_happo_factor_is_the_first_agents_joint_ratio_under_the_shared_ac
         ratio = (replay[0].dist(obs[:, first]).log_prob(actions[:, first]).sum(-1) - logprobs[:, first]).exp()
     assert (ratio - 1).abs().max() > 1e-2
     torch.testing.assert_close(factors[second], ratio, rtol=1e-5, atol=1e-6)
+
+
+def test_actor_input_cos_sin_replaces_each_relative_yaw_by_its_cos_and_sin():
+    from global_state import CosSinYaws
+
+    obs = torch.tensor([[0.1, 0.2, 0.3, 0.4, 6.2, 1.0, 1.1, 0.5]])  # 2 agents: yaws at 4 (object) and 7 (other agent)
+    got = CosSinYaws(8)(obs)
+    c, s = math.cos, math.sin
+    expected = torch.tensor([[0.1, 0.2, 0.3, 0.4, 1.0, 1.1, c(6.2), c(0.5), s(6.2), s(0.5)]])
+    torch.testing.assert_close(got, expected)
+    assert CosSinYaws(11).yaws == [4, 7, 10] and CosSinYaws(11).out_dim == 14  # 3 agents
+    torch.manual_seed(0)
+    actor = H.Actor(8, 3, (16,), "obs-cos-sin")
+    assert isinstance(actor.trunk[0], CosSinYaws) and actor.trunk[1].normalized_shape == (10,)
+    below, above = obs.clone(), obs.clone()
+    below[0, 4], above[0, 4] = 2 * math.pi - 1e-4, 1e-4  # the same heading, on both sides of the wrap
+    assert (actor.dist(below).mean - actor.dist(above).mean).abs().max() < 1e-3
+    raw = H.Actor(8, 3, (16,))
+    assert (raw.dist(below).mean - raw.dist(above).mean).abs().max() > 1e-3  # the raw angle jumps there
+
+
+def test_a_checkpoint_rebuilds_its_actor_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = H.check_args(H.Args(actor_input="obs-cos-sin", share_actor=True, num_envs=8, num_steps=10,
+                               total_timesteps=400, hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False))
+    checkpoint = H.load_checkpoint(H.train(args), "cpu")
+    env = H.policy_env(checkpoint["args"], 4, "cpu", 0)
+    (actor,) = H.trained_actors(checkpoint, env)  # one shared actor, with the transform
+    assert actor.trunk[1].normalized_shape == (10,)
+    assert H.mean_actions([actor], env.reset()).shape == (4, 2, 3)
