@@ -220,7 +220,7 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
     before it of their joint ratios new/old on every sample. Why the factor: each agent then improves the *joint*
     policy given what the agents before it already changed, so no turn can undo the ones before it (the monotonic
     improvement guarantee that simultaneous updates lack). Why the random order: no agent is always first (always
-    against factor 1) or always last. The other modes differ in two lines, `turns` and `actor`:
+    against factor 1) or always last. The other modes differ in `turns`, `own` and `first_logprob`:
     - `--no-sequential`: the factor stays 1 (simultaneous, independent updates);
     - `--share-actor`: one actor for all agents (HARL's share_param); each turn updates it on that agent's samples;
     - `--share-actor --no-sequential` is MAPPO: one turn on all agents' samples together (B x A per epoch).
