@@ -41,12 +41,7 @@ def main() -> None:
     except ImportError as err:
         raise SystemExit(f"error: plotting needs rliable and matplotlib: pip install -r benchmarks/requirements.txt "
                          f"({err})")
-    rows = read(args.csv)
-    for condition in args.where:
-        column, wanted = condition.split("=", 1)
-        rows = [r for r in rows if r.get(column) == wanted]
-    if not rows:
-        raise SystemExit(f"error: no rows in {args.csv} match {' '.join(args.where)}")
+    rows = read(args.csv, args.where)
     groups = list(dict.fromkeys(r[args.group] for r in rows))
     steps = sorted({int(r["env_steps"]) for r in rows})
     seeds = sorted({int(r["seed"]) for r in rows})

@@ -64,9 +64,19 @@ def cell(values: Sequence[float], percent: bool = True) -> str:
             f"{scale * min(values):.1f}-{scale * max(values):.1f} (n={len(values)})")
 
 
-def read(path: str) -> List[Dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read(path: str, where: Sequence[str] = ()) -> List[Dict[str, str]]:
+    """The CSV's rows that match every `column=value` in `where` (a one-line error if none does)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise SystemExit(f"error: cannot read {path}: {err.strerror}")
+    for condition in where:
+        column, _, wanted = condition.partition("=")
+        rows = [r for r in rows if r.get(column) == wanted]
+    if not rows:
+        raise SystemExit(f"error: no rows in {path} match {' '.join(where)}")
+    return rows
 
 
 def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = "") -> str:
@@ -100,13 +110,7 @@ def main() -> int:
     parser.add_argument("--baseline", default="", help="a group value: P(baseline > each other group)")
     parser.add_argument("--where", nargs="*", default=[], help="column=value filters, e.g. task=cylinder")
     args = parser.parse_args()
-    rows = read(args.csv)
-    for condition in args.where:
-        column, wanted = condition.split("=", 1)
-        rows = [r for r in rows if r.get(column) == wanted]
-    if not rows:
-        raise SystemExit(f"error: no rows in {args.csv} match {' '.join(args.where)}")
-    print(table(rows, args.group, args.value, args.baseline))
+    print(table(read(args.csv, args.where), args.group, args.value, args.baseline))
     return 0
 
 

@@ -7,6 +7,7 @@ import torch
 import mapush_env as M
 from mapush_env import TASKS, Scene, make_env, observations, task_rewards
 
+from mqe_reference import mqe_normals
 from scripted_pusher import scripted_actions
 
 
@@ -235,24 +236,8 @@ CUBOID = TASKS["cuboid"].vertex_list
 
 
 def mqe_face_normals(points: torch.Tensor) -> torch.Tensor:
-    """The reference: MQE's calc_normal_vector_for_obc_reward on box-frame points [N, 2], written out edge by edge.
-
-    Per edge: the perpendicular distance (|cross product| with the unit edge) where the foot lies on the edge, and
-    the plain norms to its two vertices; the edge's distance is their first minimum, the nearest edge the first
-    minimum over edges, and its normal (-unit_y, unit_x)."""
-    vertices = torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.6, 0.6], [-0.6, 0.6]])
-    per_edge, normals = [], []
-    for k in range(4):
-        a, b = vertices[k], vertices[(k + 1) % 4]
-        e = b - a
-        u = e / torch.norm(e)
-        va, vb = points - a, points - b
-        on_segment = ((va * e).sum(1) >= 0) & ((vb * e).sum(1) <= 0)
-        line = torch.where(on_segment, torch.abs(va[:, 0] * u[1] - va[:, 1] * u[0]), torch.tensor(float("inf")))
-        per_edge.append(torch.min(torch.stack([line, torch.norm(va, dim=1), torch.norm(vb, dim=1)], dim=1), dim=1)[0])
-        normals.append(torch.stack([-u[1], u[0]]))
-    nearest = torch.min(torch.stack(per_edge, dim=1), dim=1)[1]
-    return torch.stack(normals)[nearest]
+    """The reference: MQE's calc_normal_vector_for_obc_reward on box-frame points [N, 2], edge by edge."""
+    return mqe_normals(points, CUBOID)
 
 
 def test_face_normal_ties_like_mqe_on_a_dense_lattice():

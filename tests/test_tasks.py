@@ -10,6 +10,7 @@ import mapush_env as M
 from global_state import build_global_state
 from lifecycle import UsageError
 from mapush_env import TASKS, make_env, task_rewards
+from mqe_reference import mqe_normals
 
 
 @pytest.mark.parametrize("task, agents", [("cuboid", 2), ("tblock", 2), ("cylinder", 3)])
@@ -44,22 +45,6 @@ def test_spawn_distributions(task):
     for part, entity in zip(spec.parts, env.parts):  # the links at their places around the root
         expected = root + M.rotate(torch.tensor(part.offset).expand(4000, 2), scene.box_yaw)
         torch.testing.assert_close(entity.state.pos, expected)
-
-
-def mqe_normals(points: torch.Tensor, vertices) -> torch.Tensor:
-    """MQE's calc_normal_vector_for_obc_reward written out edge by edge for any polygon (vertex_list, CCW)."""
-    vertices = torch.tensor(vertices)
-    per_edge, normals = [], []
-    for k in range(len(vertices)):
-        a, b = vertices[k], vertices[(k + 1) % len(vertices)]
-        e = b - a
-        u = e / torch.norm(e)
-        va, vb = points - a, points - b
-        on_segment = ((va * e).sum(1) >= 0) & ((vb * e).sum(1) <= 0)
-        line = torch.where(on_segment, torch.abs(va[:, 0] * u[1] - va[:, 1] * u[0]), torch.tensor(float("inf")))
-        per_edge.append(torch.min(torch.stack([line, torch.norm(va, dim=1), torch.norm(vb, dim=1)], dim=1), dim=1)[0])
-        normals.append(torch.stack([-u[1], u[0]]))
-    return torch.stack(normals)[torch.min(torch.stack(per_edge, dim=1), dim=1)[1]]
 
 
 @pytest.mark.parametrize("task", ["tblock", "cylinder"])
