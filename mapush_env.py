@@ -323,18 +323,29 @@ class VmasPushEnv:
         self.box_mu = self._uniform((num_envs, 1), (low + GROUND_FRICTION) / 2, (high + GROUND_FRICTION) / 2)
         self.world = World(num_envs, self.device, dt=DT, substeps=substeps, drag=0.0,
                            collision_force=CONTACT_STIFFNESS)
+        # The rigid body the links make (constants; `_make_rigid`): mass, centre of mass and links in the root's frame.
+        masses = torch.tensor([p.mass for p in self.task.parts], device=self.device)
+        offsets = torch.tensor([p.offset for p in self.task.parts], device=self.device)  # [P, 2]
+        self.part_masses, com = masses, (masses.unsqueeze(-1) * offsets).sum(0) / masses.sum()
+        self.part_offsets = offsets - com  # from the centre of mass, root frame
+        self.rigid_izz = sum(p.izz for p in self.task.parts) + float((masses * (self.part_offsets ** 2).sum(-1)).sum())
+        self.rigid_error = torch.zeros(num_envs, device=self.device)  # how far the links drifted apart in the last step
+        single = len(self.task.parts) == 1
         self.parts = []  # the object's links; the first, "box", is its root
         for i, part in enumerate(self.task.parts):
+            # A link of a compound object moves within a step as the whole object would (its mass and yaw inertia);
+            # `_make_rigid` then adds up the links' impulses. Each link's ground friction stays its own share.
+            mass, izz = (part.mass, part.izz) if single else (float(masses.sum()), self.rigid_izz)
             shape = Box(*part.size) if part.shape == "box" else Sphere(part.size[0])
             # VMAS derives Izz from a uniform solid; PhysX uses the URDF's. (A shape subclass would drop out of VMAS's
             # collidable shape pairs, so the instance gets the override.)
-            shape.moment_of_inertia = lambda mass, izz=part.izz: izz
+            shape.moment_of_inertia = lambda _, izz=izz: izz
             # PhysX's contacts with the ground lie at a box's corners and a disc's rim: spin friction acts there.
             arm = math.hypot(part.size[0] / 2, part.size[1] / 2) if part.shape == "box" else part.size[0]
-            # VMAS friction: the linear coefficient is a deceleration (mu * g), the angular one a torque / Izz.
+            # VMAS friction: the linear coefficient is a deceleration (force / mass), the angular one a torque / Izz.
             entity = Landmark("box" if i == 0 else f"box_part{i}", shape=shape, movable=True, rotatable=True,
-                              mass=part.mass, linear_friction=self.box_mu * GRAVITY,
-                              angular_friction=self.box_mu * GRAVITY * part.mass * arm / part.izz,
+                              mass=mass, linear_friction=self.box_mu * GRAVITY * (part.mass / mass),
+                              angular_friction=self.box_mu * GRAVITY * part.mass * arm / izz,
                               collision_filter=lambda other: other not in self.parts)  # links never collide
             self.world.add_landmark(entity)
             self.parts.append(entity)
@@ -356,13 +367,6 @@ class VmasPushEnv:
         self.step_count = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self.prev_dist = torch.zeros(num_envs, device=self.device)
         self.lag = torch.tensor([1 - math.exp(-DT / TAU_LIN)] * 2 + [1 - math.exp(-DT / TAU_YAW)], device=self.device)
-        # The rigid body the links make (constants; `_make_rigid`): mass, centre of mass and links in the root's frame.
-        masses = torch.tensor([p.mass for p in self.task.parts], device=self.device)
-        offsets = torch.tensor([p.offset for p in self.task.parts], device=self.device)  # [P, 2]
-        self.part_masses, com = masses, (masses.unsqueeze(-1) * offsets).sum(0) / masses.sum()
-        self.part_offsets = offsets - com  # from the centre of mass, root frame
-        self.rigid_izz = sum(p.izz for p in self.task.parts) + float((masses * (self.part_offsets ** 2).sum(-1)).sum())
-        self.rigid_error = torch.zeros(num_envs, device=self.device)  # how far the links drifted apart in the last step
 
     # -- state access -------------------------------------------------------------------------------------------
     def _uniform(self, shape, low, high):
@@ -449,28 +453,39 @@ class VmasPushEnv:
         different steps and the envs stop moving in lockstep; the scene is unchanged."""
         self.step_count = torch.randint(0, EPISODE_STEPS, (self.num_envs,), generator=self.rng, device=self.device)
 
-    def _make_rigid(self) -> None:
-        """Move the object's links as one rigid body. VMAS has no compound shapes and its joints are springs, so after
-        each physics step the links take the rigid motion with their total linear and angular momentum, posed by the
-        root's yaw around their centre of mass; `rigid_error` [E] is how far a link had drifted from its rigid place
-        during the step (docs/embedded_task.md)."""
+    def _rigid_state(self):
+        """The object's rigid motion at the start of a step: centre of mass, yaw, their rates, the links' velocities."""
+        mass = self.part_masses.view(1, -1, 1)
+        pos = torch.stack([e.state.pos for e in self.parts], dim=1)  # [E, P, 2]
+        vel = torch.stack([e.state.vel for e in self.parts], dim=1)
+        return ((mass * pos).sum(1) / mass.sum(), self.box.state.rot, (mass * vel).sum(1) / mass.sum(),
+                self.box.state.ang_vel, vel, torch.cat([e.state.ang_vel for e in self.parts], dim=1))
+
+    def _make_rigid(self, before) -> None:
+        """Move the object's links as one rigid body. VMAS has no compound shapes and its joints are springs, so each
+        link is simulated for the step with the whole object's mass and yaw inertia, as if it alone were the object;
+        the impulses the links received (forces at their centres plus torques about them) then add up to the
+        object's change of momentum and of angular momentum about its centre of mass, and the links are put back at
+        their rigid places for the new motion (semi-implicit, as VMAS integrates). `rigid_error` [E] is how far a link
+        had drifted from that place during the step (docs/embedded_task.md)."""
+        com, yaw, com_vel, omega, vel_before, spin_before = before
         pos = torch.stack([e.state.pos for e in self.parts], dim=1)  # [E, P, 2]
         vel = torch.stack([e.state.vel for e in self.parts], dim=1)
         spin = torch.cat([e.state.ang_vel for e in self.parts], dim=1)  # [E, P]
-        mass = self.part_masses.view(1, -1, 1)
-        com, com_vel = (mass * pos).sum(1) / mass.sum(), (mass * vel).sum(1) / mass.sum()  # [E, 2]
-        r, v = pos - com.unsqueeze(1), vel - com_vel.unsqueeze(1)
-        izz = spin.new_tensor([p.izz for p in self.task.parts])
-        momentum = (izz * spin).sum(1) + (mass[..., 0] * (r[..., 0] * v[..., 1] - r[..., 1] * v[..., 0])).sum(1)
-        omega = (momentum / self.rigid_izz).unsqueeze(-1)  # [E, 1]
-        yaw = self.box.state.rot  # [E, 1]
-        arm = rotate(self.part_offsets, yaw)  # [E, P, 2] from the centre of mass
+        total_mass = float(self.part_masses.sum())
+        impulse = total_mass * (vel - vel_before)  # [E, P, 2] each link was simulated with the whole mass
+        arm = rotate(self.part_offsets, yaw)  # [E, P, 2] from the centre of mass, before the step
+        turn = self.rigid_izz * (spin - spin_before) + arm[..., 0] * impulse[..., 1] - arm[..., 1] * impulse[..., 0]
+        com_vel = com_vel + impulse.sum(1) / total_mass
+        omega = omega + turn.sum(1, keepdim=True) / self.rigid_izz  # [E, 1]
+        com, yaw = com + com_vel * DT, yaw + omega * DT
+        arm = rotate(self.part_offsets, yaw)
         rigid = com.unsqueeze(1) + arm
         self.rigid_error = torch.linalg.vector_norm(pos - rigid, dim=-1).amax(1)
         for i, entity in enumerate(self.parts):
-            entity.state.pos = rigid[:, i]
+            entity.state.pos, entity.state.rot = rigid[:, i], yaw.clone()
             entity.state.vel = com_vel + omega * torch.stack([-arm[:, i, 1], arm[:, i, 0]], dim=-1)
-            entity.state.rot, entity.state.ang_vel = yaw.clone(), omega.clone()
+            entity.state.ang_vel = omega.clone()
 
     # -- step -------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
@@ -483,9 +498,10 @@ class VmasPushEnv:
         for i, agent in enumerate(self.agents):
             agent.state.force = force[:, i]
             agent.state.torque = torque[:, i : i + 1]
+        before = self._rigid_state() if len(self.parts) > 1 else None
         self.world.step()
-        if len(self.parts) > 1:
-            self._make_rigid()
+        if before is not None:
+            self._make_rigid(before)
         self.step_count += 1
 
         agent_xy, agent_yaw, vel, ang_vel = self._agents_state()
