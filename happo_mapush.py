@@ -238,13 +238,13 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
     for position, agents in enumerate(turns):
         own = 0 if args.share_actor else agents[0]  # the network this turn trains
         actor, optimizer = actors[own], optimizers[own]
-        # This turn's samples, sample-major: [B * len(agents), ...]
-        turn_obs, turn_actions = obs[:, agents].flatten(0, 1), actions[:, agents].flatten(0, 1)
+        turn_obs, turn_actions = obs[:, agents].flatten(0, 1), actions[:, agents].flatten(0, 1)  # [B * len(agents), .]
         old_logprob = logprobs[:, agents].flatten()
         turn_advantages, turn_factor = advantages.repeat_interleave(len(agents)), factor.repeat_interleave(len(agents))
         size = turn_advantages.shape[0]
-        with torch.no_grad():  # where this turn starts: the rollout's policy, unless a shared actor moved since
-            first_logprob = actor.dist(turn_obs).log_prob(turn_actions).sum(-1) if args.share_actor else old_logprob
+        first_logprob = old_logprob  # the factor's ratio starts at the rollout's policy, or where a shared actor is now
+        if args.share_actor and args.sequential:
+            first_logprob = actor.dist(turn_obs).log_prob(turn_actions).sum(-1).detach()
         sums = dict.fromkeys(("policy_loss", "entropy", "ratio", "clip_fraction", "approx_kl", "grad_norm"),
                              torch.zeros((), device=advantages.device))
         for _ in range(args.ppo_epochs):

@@ -345,3 +345,31 @@ def test_a_checkpoint_rebuilds_its_actor_input(tmp_path, monkeypatch):
     (actor,) = H.trained_actors(checkpoint, env)  # one shared actor, with the transform
     assert actor.trunk[1].normalized_shape == (10,)
     assert H.mean_actions([actor], env.reset()).shape == (4, 2, 3)
+
+
+def test_shared_happo_later_factors_start_from_the_shared_actor_at_the_turns_start():
+    # With one shared actor, turn k's ratio must start from the actor as turn k found it (moved by the turns before),
+    # not from the rollout's log-probs (HARL's runner recomputes it before each turn).
+    actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=3, batch=64)
+    actor, full_batch = actors[0], []
+    real_dist = actor.dist
+
+    def recording_dist(x):  # full-batch passes: each turn's start and end (mini-batches are half the batch)
+        policy = real_dist(x)
+        if x.shape[0] == 64:
+            full_batch.append(policy)
+        return policy
+
+    actor.dist = recording_dist
+    with torch.no_grad():
+        logprobs = torch.stack([real_dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) for i in range(3)], dim=1)
+    torch.manual_seed(5)
+    stats, factors = H.happo_actor_update([actor], [torch.optim.Adam(actor.parameters(), lr=3e-2, eps=1e-5)], obs,
+                                          actions, logprobs, advantages,
+                                          make_args(share_actor=True, ppo_epochs=2, actor_num_minibatches=2))
+    first, second, third = update_order(stats)
+    assert len(full_batch) == 6  # start and end of each of the three turns
+    start2 = full_batch[2].log_prob(actions[:, second]).sum(-1).detach()
+    end2 = full_batch[3].log_prob(actions[:, second]).sum(-1).detach()
+    assert (start2 - logprobs[:, second]).abs().max() > 1e-3  # the first turn moved the shared actor
+    torch.testing.assert_close(factors[third], factors[second] * (end2 - start2).exp(), rtol=1e-5, atol=1e-6)
