@@ -297,41 +297,63 @@ def task_rewards(
     return reward, {name: terms[name] for name in REWARD_TERMS}
 
 
-class VmasPushEnv:
-    """`go1push_mid` on VMAS physics: E envs of one task, all state as torch tensors on `device`."""
+try:  # the embedded backend's physics engine; the contract and the formulas above work without it
+    from vmas.simulator.scenario import BaseScenario
+except ImportError:  # PushScenario.make_world then raises BackendUnavailable
+    BaseScenario = object
 
-    def __init__(self, num_envs: int, device="cpu", seed: int = 0, task: str = "cuboid", agent_shape: str = "disc",
-                 substeps: int = 2):
+ENV_STATE_VERSION = 2  # VmasPushEnv.state_dict's layout; 2: per-env reset rows, the friction drawn at the first reset
+
+
+class PushScenario(BaseScenario):
+    """The task as a VMAS scenario: one source of truth for the embedded backend's physics, resets, observations,
+    rewards and termination, loadable by VMAS's own tools and those built on them (TorchRL's VmasEnv, BenchMARL):
+
+        env = vmas.make_env(PushScenario(), num_envs=512, seed=0, task="cuboid", clamp_actions=True)
+
+    VMAS semantics: actions are a list of A tensors [E, 3] in [-1, 1] (MQE's action scale and the locomotion
+    controller's lag are applied in `process_action`), `reward(agent)` is that agent's reward [E], `done()` [E], and
+    `info(agent)` has the env's success, time_out and exception flags [E]. Nothing resets inside: VMAS's `reset_at(i)`
+    (or TorchRL's auto-reset, which calls it per done env) does. `VmasPushEnv` below is this scenario with this
+    project's contract (auto-reset, final scene, exact resume) on top.
+
+    Random numbers: each env's reset draws one row of 3 + 6A uniforms (box yaw; target radius and angle; the agents'
+    ring radii, ring angles, yaws, spawn velocities and yaw rates) from `rng` (default: torch's global generator,
+    which `vmas.make_env(seed=...)` seeds); the first reset draws every env's object friction before its rows. A reset of n envs
+    at once draws its n rows in env order, so on the CPU it consumes the generator exactly as n single-env resets in
+    ascending order do (torch's CPU `rand` fills a tensor element by element).
+    """
+
+    rng: Optional[torch.Generator] = None
+
+    def make_world(self, batch_dim: int, device, task: str = "cuboid", agent_shape: str = "disc", substeps: int = 2):
         try:
             from vmas.simulator.core import Agent, Box, Landmark, Sphere, World
+            from vmas.simulator.dynamics.holonomic_with_rot import HolonomicWithRotation
         except ImportError as err:
             raise BackendUnavailable(f"the vmas backend needs VMAS: pip install -r requirements.txt ({err})") from None
-
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; available tasks: {', '.join(TASKS)}")
         if agent_shape not in ("disc", "box"):
             raise ValueError(f"agent_shape must be 'disc' or 'box', got {agent_shape!r}")
         self.task_name, self.task = task, TASKS[task]
-        self.num_envs, self.num_agents = num_envs, self.task.num_agents
+        self.num_envs, self.num_agents = batch_dim, self.task.num_agents
         self.obs_dim, self.action_dim, self.episode_steps = 2 + 3 * self.num_agents, 3, EPISODE_STEPS
         self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.rng = torch.Generator(device=self.device)
-        self.rng.manual_seed(seed)
-
-        # The effective object-ground coefficient: PhysX averages the object's (drawn once per env) with the ground's.
-        low, high = self.task.friction_range
-        self.box_mu = self._uniform((num_envs, 1), (low + GROUND_FRICTION) / 2, (high + GROUND_FRICTION) / 2)
-        self.world = World(num_envs, self.device, dt=DT, substeps=substeps, drag=0.0,
-                           collision_force=CONTACT_STIFFNESS)
+        single = len(self.task.parts) == 1
+        # A compound object is made rigid after every physics substep (`_make_rigid`), so VMAS steps one substep at
+        # a time for it (the world's `step` below runs them); done once per 0.02 s step, the projection let a link
+        # squeezed between two agents oscillate with a growing amplitude.
+        world = World(batch_dim, self.device, dt=DT if single else DT / substeps, substeps=substeps if single else 1,
+                      drag=0.0, collision_force=CONTACT_STIFFNESS)
         # The rigid body the links make (constants; `_make_rigid`): mass, centre of mass and links in the root's frame.
         masses = torch.tensor([p.mass for p in self.task.parts], device=self.device)
         offsets = torch.tensor([p.offset for p in self.task.parts], device=self.device)  # [P, 2]
         self.part_masses, com = masses, (masses.unsqueeze(-1) * offsets).sum(0) / masses.sum()
         self.part_offsets = offsets - com  # from the centre of mass, root frame
         self.rigid_izz = sum(p.izz for p in self.task.parts) + float((masses * (self.part_offsets ** 2).sum(-1)).sum())
-        self.rigid_error = torch.zeros(num_envs, device=self.device)  # how far the links drifted apart in the last step
-        single = len(self.task.parts) == 1
-        self.parts = []  # the object's links; the first, "box", is its root
+        self.rigid_error = torch.zeros(batch_dim, device=self.device)  # how far the links drifted apart in a step
+        self.parts, self.friction_scales = [], []  # the object's links (the first, "box", is its root)
         for i, part in enumerate(self.task.parts):
             # A link of a compound object moves within a step as the whole object would (its mass and yaw inertia);
             # `_make_rigid` then adds up the links' impulses. Each link's ground friction stays its own share.
@@ -343,35 +365,51 @@ class VmasPushEnv:
             # PhysX's contacts with the ground lie at a box's corners and a disc's rim: spin friction acts there.
             arm = math.hypot(part.size[0] / 2, part.size[1] / 2) if part.shape == "box" else part.size[0]
             # VMAS friction: the linear coefficient is a deceleration (force / mass), the angular one a torque / Izz.
+            self.friction_scales.append((GRAVITY * part.mass / mass, GRAVITY * part.mass * arm / izz))
             entity = Landmark("box" if i == 0 else f"box_part{i}", shape=shape, movable=True, rotatable=True,
-                              mass=mass, linear_friction=self.box_mu * GRAVITY * (part.mass / mass),
-                              angular_friction=self.box_mu * GRAVITY * part.mass * arm / izz,
+                              mass=mass, linear_friction=torch.zeros(batch_dim, 1, device=self.device),
+                              angular_friction=torch.zeros(batch_dim, 1, device=self.device),
                               collision_filter=lambda other: other not in self.parts)  # links never collide
-            self.world.add_landmark(entity)
+            world.add_landmark(entity)
             self.parts.append(entity)
         self.box = self.parts[0]
+        self.box_mu: Optional[torch.Tensor] = None  # [E, 1], drawn at the first reset, kept across episodes
         self.agents = []
         for i in range(self.num_agents):
             shape = Sphere(AGENT_DISC_RADIUS) if agent_shape == "disc" else Box(*AGENT_FOOTPRINT)
+            # The action VMAS hands to the dynamics is the drive (force x, force y, torque) that `process_action`
+            # computes from the command; u_range bounds the command as MQE clips it.
             agent = Agent(f"go1_{i}", shape=shape, mass=AGENT_MASS, max_f=MAX_DRIVE_FORCE, max_t=MAX_DRIVE_TORQUE,
-                          max_speed=MAX_SPEED)
-            self.world.add_agent(agent)
+                          max_speed=MAX_SPEED, u_range=1.0, dynamics=HolonomicWithRotation())
+            world.add_agent(agent)
             self.agents.append(agent)
         self.agent_inertia = self.agents[0].moment_of_inertia
-        zeros = torch.zeros(num_envs, 2, device=self.device)
-        for entity in self.world.entities:
+        zeros = torch.zeros(batch_dim, 2, device=self.device)
+        for entity in world.entities:
             entity.state.pos, entity.state.vel = zeros.clone(), zeros.clone()
             entity.state.rot, entity.state.ang_vel = zeros[:, :1].clone(), zeros[:, :1].clone()
         self.target_xy = zeros.clone()
-        self.v_ref = torch.zeros(num_envs, self.num_agents, 3, device=self.device)  # controller's lagged command
-        self.step_count = torch.zeros(num_envs, dtype=torch.long, device=self.device)
-        self.prev_dist = torch.zeros(num_envs, device=self.device)
+        self.v_ref = torch.zeros(batch_dim, self.num_agents, 3, device=self.device)  # controller's lagged command
+        self.step_count = torch.zeros(batch_dim, dtype=torch.long, device=self.device)
+        self.prev_dist = torch.zeros(batch_dim, device=self.device)
         self.lag = torch.tensor([1 - math.exp(-DT / TAU_LIN)] * 2 + [1 - math.exp(-DT / TAU_YAW)], device=self.device)
+        self.outcome: Dict[str, torch.Tensor] = {}  # the last step's results (`post_step`)
+        if not single:
+            substep = world.step
+
+            def step():  # VMAS's Environment and VmasPushEnv both call it once per 0.02 s step
+                drift = torch.zeros_like(self.rigid_error)
+                for _ in range(substeps):
+                    before = self._rigid_state()
+                    substep()
+                    self._make_rigid(before, world.dt)
+                    drift = torch.maximum(drift, self.rigid_error)
+                self.rigid_error = drift
+
+            world.step = step
+        return world
 
     # -- state access -------------------------------------------------------------------------------------------
-    def _uniform(self, shape, low, high):
-        return low + (high - low) * torch.rand(shape, generator=self.rng, device=self.device)
-
     def _agents_state(self):
         xy = torch.stack([a.state.pos for a in self.agents], dim=1)  # [E, A, 2]
         yaw = torch.remainder(torch.cat([a.state.rot for a in self.agents], dim=1), TWO_PI)  # [E, A]
@@ -388,42 +426,59 @@ class VmasPushEnv:
         return Scene(box_xy, box_yaw, self.target_xy, xy, yaw, rotate(vel, -yaw), ang_vel, self.box.state.vel,
                      self.box.state.ang_vel[:, 0])
 
-    def _observe(self) -> torch.Tensor:
+    def _raw_observations(self) -> torch.Tensor:
         xy, yaw, _, _ = self._agents_state()
         box_xy, box_yaw = self._box_state()
-        obs = observations(box_xy, box_yaw, self.target_xy, xy, yaw)
+        return observations(box_xy, box_yaw, self.target_xy, xy, yaw)
+
+    def _observe(self) -> torch.Tensor:
+        obs = self._raw_observations()
         return torch.where(torch.isfinite(obs), obs, torch.zeros_like(obs))
 
-    def state_dict(self) -> dict:
-        """The full dynamic state (for exact resumption); the per-env friction follows from the seed."""
-        bodies = {e.name: [e.state.pos, e.state.vel, e.state.rot, e.state.ang_vel] for e in self.world.entities}
-        return {"bodies": bodies, "target_xy": self.target_xy, "v_ref": self.v_ref, "step_count": self.step_count,
-                "prev_dist": self.prev_dist, "rng": self.rng.get_state()}
-
-    def load_state_dict(self, state: dict) -> torch.Tensor:
-        """Restore a `state_dict()`; returns the current observation."""
-        for entity in self.world.entities:
-            pos, vel, rot, ang_vel = (x.to(self.device) for x in state["bodies"][entity.name])
-            entity.state.pos, entity.state.vel, entity.state.rot, entity.state.ang_vel = pos, vel, rot, ang_vel
-        for name in ("target_xy", "v_ref", "step_count", "prev_dist"):
-            setattr(self, name, state[name].to(self.device))
-        self.rng.set_state(state["rng"].cpu())
-        return self._observe()
-
     # -- reset ------------------------------------------------------------------------------------------------
+    def reset_world_at(self, env_index: Optional[int] = None) -> None:
+        mask = torch.full((self.num_envs,), env_index is None, dtype=torch.bool, device=self.device)
+        if self.box_mu is None:  # the first reset, after `vmas.make_env(seed=...)` seeded the generator
+            self._draw_friction()
+        if env_index is not None:
+            mask[env_index] = True
+        self._reset_envs(mask)
+
+    def _draw_friction(self) -> None:
+        """The object's friction coefficient per env (MQE's domain_rand, drawn once per env): PhysX averages the
+        object's with the ground's."""
+        low, high = self.task.friction_range
+        low, high = (low + GROUND_FRICTION) / 2, (high + GROUND_FRICTION) / 2
+        self._set_friction(low + (high - low) * torch.rand((self.num_envs, 1), generator=self.rng, device=self.device))
+
+    def _set_friction(self, mu: torch.Tensor) -> None:
+        self.box_mu = mu
+        for entity, (linear, angular) in zip(self.parts, self.friction_scales):
+            entity.linear_friction = mu * linear
+            entity._angular_friction = mu * angular  # VMAS has no setter for this one
+
     def _reset_envs(self, mask: torch.Tensor) -> None:
         """Resample the envs where mask [E] is True (MQE's reset distributions); the others keep their state."""
         E, A = self.num_envs, self.num_agents
         m1, m2 = mask.unsqueeze(-1), mask.view(E, 1, 1)
+        rows = torch.zeros(E, 3 + 6 * A, device=self.device)  # one row of uniforms per resetting env, in env order
+        index = mask.nonzero()[:, 0]
+        rows[index] = torch.rand((len(index), rows.shape[1]), generator=self.rng, device=self.device)
+        u = torch.split(rows, [1, 1, 1, A, A, A, 2 * A, A], dim=1)
+
+        def uniform(column, low, high):
+            return low + (high - low) * column
+
         box_xy = torch.tensor([12.0, 0.0], device=self.device).expand(E, 2)
-        box_yaw = self._uniform((E, 1), -0.01, TWO_PI)
-        radius, angle = self._uniform((E, 1), 1.5, 3.0), self._uniform((E, 1), 0.0, TWO_PI)
+        box_yaw = uniform(u[0], -0.01, TWO_PI)  # [E, 1]
+        radius, angle = uniform(u[1], 1.5, 3.0), uniform(u[2], 0.0, TWO_PI)
         target_xy = box_xy + radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
-        radius, angle = self._uniform((E, A, 1), *self.task.spawn_ring), self._uniform((E, A, 1), -0.01, TWO_PI)
+        radius = uniform(u[3], *self.task.spawn_ring).unsqueeze(-1)  # [E, A, 1]
+        angle = uniform(u[4], -0.01, TWO_PI).unsqueeze(-1)
         agent_xy = box_xy.unsqueeze(1) + radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
-        agent_yaw = self._uniform((E, A), -0.01, TWO_PI)
-        agent_vel = self._uniform((E, A, 2), -0.1, 0.1)  # root velocity, world frame
-        agent_ang_vel = self._uniform((E, A), -0.1, 0.1)
+        agent_yaw = uniform(u[5], -0.01, TWO_PI)  # [E, A]
+        agent_vel = uniform(u[6], -0.1, 0.1).view(E, A, 2)  # root velocity, world frame
+        agent_ang_vel = uniform(u[7], -0.1, 0.1)
         zeros = torch.zeros(E, 2, device=self.device)
         for part, entity in zip(self.task.parts, self.parts):  # the links at rest around the root
             offset = rotate(box_xy.new_tensor(part.offset).expand(E, 2), box_yaw[:, 0])
@@ -443,15 +498,62 @@ class VmasPushEnv:
         self.step_count = torch.where(mask, torch.zeros_like(self.step_count), self.step_count)
         # No spurious distance reward on the first step of an episode (MQE compares against the old episode).
         self.prev_dist = torch.where(mask, torch.linalg.vector_norm(box_xy - target_xy, dim=-1), self.prev_dist)
+        if not self.outcome:  # before the first step, VMAS may ask for dones and infos
+            no = torch.zeros(E, dtype=torch.bool, device=self.device)
+            self.outcome = {"success": no, "time_out": no, "exception": no, "done": no,
+                            "reward": torch.zeros(E, A, device=self.device)}
 
-    def reset(self) -> torch.Tensor:
-        self._reset_envs(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
-        return self._observe()
+    # -- step -------------------------------------------------------------------------------------------------
+    def drive(self, actions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The Go1s' locomotion controller for actions [E, A, 3]: the lagged body-frame command, tracked by a P
+        controller on velocity. Returns the force [E, A, 2] (world frame) and torque [E, A] (VMAS caps both)."""
+        command = ACTION_SCALE * actions.clamp(-1.0, 1.0)  # [E, A, 3] body-frame (vx, vy, yaw rate)
+        self.v_ref = self.v_ref + self.lag * (command - self.v_ref)
+        _, yaw, vel, ang_vel = self._agents_state()
+        force = AGENT_MASS * (rotate(self.v_ref[..., :2], yaw) - vel) / TAU_TRACK
+        torque = self.agent_inertia * (self.v_ref[..., 2] - ang_vel) / TAU_TRACK
+        return force, torque
 
-    def randomize_episode_start(self) -> None:
-        """Draw every env's step counter from {0, ..., EPISODE_STEPS - 1}, so the first episodes time out at
-        different steps and the envs stop moving in lockstep; the scene is unchanged."""
-        self.step_count = torch.randint(0, EPISODE_STEPS, (self.num_envs,), generator=self.rng, device=self.device)
+    def process_action(self, agent) -> None:
+        # VMAS sets every agent's action before processing any, so the first agent's call drives them all.
+        if agent is self.agents[0]:
+            force, torque = self.drive(torch.stack([a.action.u for a in self.agents], dim=1))
+            for i, a in enumerate(self.agents):
+                a.action.u = torch.cat([force[:, i], torque[:, i : i + 1]], dim=-1)
+
+    def post_step(self) -> None:
+        """After the physics: the step's observations, rewards and termination, kept in `outcome` (as MQE's wrapper
+        computes them from the post-physics state)."""
+        self.step_count += 1
+        agent_xy, agent_yaw, vel, ang_vel = self._agents_state()
+        box_xy, box_yaw = self._box_state()
+        raw_obs = observations(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw)
+        finite = torch.isfinite(raw_obs)
+        nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
+        dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
+        success, exception, time_out = termination(dist, agent_xy, self.step_count, self.task.collision_radius)
+        reward, terms = task_rewards(box_xy, box_yaw, self.box.state.vel, self.target_xy, agent_xy, self.prev_dist,
+                                     success, exception, nonfinite, self.task)
+        self.prev_dist = dist
+        self.outcome = {
+            "obs": torch.where(finite, raw_obs, torch.zeros_like(raw_obs)), "reward": reward, "reward_terms": terms,
+            "success": success, "time_out": time_out, "exception": exception,
+            "done": success | exception | time_out, "nonfinite_obs": nonfinite,
+            "scene": Scene(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw, rotate(vel, -agent_yaw), ang_vel,
+                           self.box.state.vel, self.box.state.ang_vel[:, 0]),
+        }
+
+    def observation(self, agent) -> torch.Tensor:
+        return self._observe()[:, self.agents.index(agent)]  # from the state: also right after a reset_at
+
+    def reward(self, agent) -> torch.Tensor:
+        return self.outcome["reward"][:, self.agents.index(agent)]
+
+    def done(self) -> torch.Tensor:
+        return self.outcome["done"]
+
+    def info(self, agent) -> Dict[str, torch.Tensor]:
+        return {key: self.outcome[key] for key in ("success", "time_out", "exception")}
 
     def _rigid_state(self):
         """The object's rigid motion at the start of a step: centre of mass, yaw, their rates, the links' velocities."""
@@ -461,13 +563,13 @@ class VmasPushEnv:
         return ((mass * pos).sum(1) / mass.sum(), self.box.state.rot, (mass * vel).sum(1) / mass.sum(),
                 self.box.state.ang_vel, vel, torch.cat([e.state.ang_vel for e in self.parts], dim=1))
 
-    def _make_rigid(self, before) -> None:
+    def _make_rigid(self, before, dt: float) -> None:
         """Move the object's links as one rigid body. VMAS has no compound shapes and its joints are springs, so each
-        link is simulated for the step with the whole object's mass and yaw inertia, as if it alone were the object;
-        the impulses the links received (forces at their centres plus torques about them) then add up to the
-        object's change of momentum and of angular momentum about its centre of mass, and the links are put back at
-        their rigid places for the new motion (semi-implicit, as VMAS integrates). `rigid_error` [E] is how far a link
-        had drifted from that place during the step (docs/embedded_task.md)."""
+        link is simulated for one physics substep (`dt` s) with the whole object's mass and yaw inertia, as if it
+        alone were the object; the impulses the links received (forces at their centres plus torques about them) then
+        add up to the object's change of momentum and of angular momentum about its centre of mass, and the links are
+        put back at their rigid places for the new motion (semi-implicit, as VMAS integrates). `rigid_error` [E] is
+        how far a link had drifted from that place during the substep (docs/embedded_task.md)."""
         com, yaw, com_vel, omega, vel_before, spin_before = before
         pos = torch.stack([e.state.pos for e in self.parts], dim=1)  # [E, P, 2]
         vel = torch.stack([e.state.vel for e in self.parts], dim=1)
@@ -478,7 +580,7 @@ class VmasPushEnv:
         turn = self.rigid_izz * (spin - spin_before) + arm[..., 0] * impulse[..., 1] - arm[..., 1] * impulse[..., 0]
         com_vel = com_vel + impulse.sum(1) / total_mass
         omega = omega + turn.sum(1, keepdim=True) / self.rigid_izz  # [E, 1]
-        com, yaw = com + com_vel * DT, yaw + omega * DT
+        com, yaw = com + com_vel * dt, yaw + omega * dt
         arm = rotate(self.part_offsets, yaw)
         rigid = com.unsqueeze(1) + arm
         self.rigid_error = torch.linalg.vector_norm(pos - rigid, dim=-1).amax(1)
@@ -487,46 +589,64 @@ class VmasPushEnv:
             entity.state.vel = com_vel + omega * torch.stack([-arm[:, i, 1], arm[:, i, 0]], dim=-1)
             entity.state.ang_vel = omega.clone()
 
-    # -- step -------------------------------------------------------------------------------------------------
+
+class VmasPushEnv(PushScenario):
+    """`go1push_mid` on VMAS physics with this project's contract: the scenario above, stepped without VMAS's
+    `Environment` (every agent driven at once), with auto-reset, the final scene and an exact `state_dict`."""
+
+    def __init__(self, num_envs: int, device="cpu", seed: int = 0, task: str = "cuboid", agent_shape: str = "disc",
+                 substeps: int = 2):
+        super().__init__()
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(seed)
+        self.env_make_world(num_envs, device, task=task, agent_shape=agent_shape, substeps=substeps)
+
+    def state_dict(self) -> dict:
+        """The full dynamic state (for exact resumption)."""
+        bodies = {e.name: [e.state.pos, e.state.vel, e.state.rot, e.state.ang_vel] for e in self.world.entities}
+        return {"version": ENV_STATE_VERSION, "bodies": bodies, "box_mu": self.box_mu, "target_xy": self.target_xy,
+                "v_ref": self.v_ref, "step_count": self.step_count, "prev_dist": self.prev_dist,
+                "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> torch.Tensor:
+        """Restore a `state_dict()`; returns the current observation."""
+        if state.get("version") != ENV_STATE_VERSION:
+            raise ValueError("the env state comes from before commit 'per-env reset rows' changed the embedded env's "
+                             "random stream; continue that run with the code it started with")
+        for entity in self.world.entities:
+            pos, vel, rot, ang_vel = (x.to(self.device) for x in state["bodies"][entity.name])
+            entity.state.pos, entity.state.vel, entity.state.rot, entity.state.ang_vel = pos, vel, rot, ang_vel
+        for name in ("target_xy", "v_ref", "step_count", "prev_dist"):
+            setattr(self, name, state[name].to(self.device))
+        self.rng.set_state(state["rng"].cpu())
+        self._set_friction(state["box_mu"].to(self.device))
+        return self._observe()
+
+    def reset(self) -> torch.Tensor:
+        self.reset_world_at(None)
+        return self._observe()
+
+    def randomize_episode_start(self) -> None:
+        """Draw every env's step counter from {0, ..., EPISODE_STEPS - 1}, so the first episodes time out at
+        different steps and the envs stop moving in lockstep; the scene is unchanged."""
+        self.step_count = torch.randint(0, EPISODE_STEPS, (self.num_envs,), generator=self.rng, device=self.device)
+
     def step(self, actions: torch.Tensor):
         check_actions(self, actions)
-        command = ACTION_SCALE * actions.clamp(-1.0, 1.0)  # [E, A, 3] body-frame (vx, vy, yaw rate)
-        self.v_ref = self.v_ref + self.lag * (command - self.v_ref)
-        _, yaw, vel, ang_vel = self._agents_state()
-        force = AGENT_MASS * (rotate(self.v_ref[..., :2], yaw) - vel) / TAU_TRACK  # VMAS caps |force| at max_f
-        torque = self.agent_inertia * (self.v_ref[..., 2] - ang_vel) / TAU_TRACK
+        force, torque = self.drive(actions)
         for i, agent in enumerate(self.agents):
             agent.state.force = force[:, i]
             agent.state.torque = torque[:, i : i + 1]
-        before = self._rigid_state() if len(self.parts) > 1 else None
         self.world.step()
-        if before is not None:
-            self._make_rigid(before)
-        self.step_count += 1
-
-        agent_xy, agent_yaw, vel, ang_vel = self._agents_state()
-        box_xy, box_yaw = self._box_state()
-        raw_obs = observations(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw)
-        finite = torch.isfinite(raw_obs)
-        obs = torch.where(finite, raw_obs, torch.zeros_like(raw_obs))
-        nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
-        dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
-        success, exception, time_out = termination(dist, agent_xy, self.step_count, self.task.collision_radius)
-        reward, terms = task_rewards(box_xy, box_yaw, self.box.state.vel, self.target_xy, agent_xy, self.prev_dist,
-                                     success, exception, nonfinite, self.task)
-        self.prev_dist = dist
-        done = success | exception | time_out
-        info = {
-            "success": success,
-            "time_out": time_out,
-            "exception": exception,
-            "reward_terms": terms,
-            "final_obs": obs,
-            "final_scene": Scene(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw, rotate(vel, -agent_yaw),
-                                 ang_vel, self.box.state.vel, self.box.state.ang_vel[:, 0]),
-            "nonfinite_obs": nonfinite,
-        }
+        self.post_step()
+        out = self.outcome
+        info = {key: out[key] for key in ("success", "time_out", "exception", "reward_terms", "nonfinite_obs")}
+        info.update(final_obs=out["obs"], final_scene=out["scene"])
+        obs, done = out["obs"], out["done"]
         if bool(done.any()):
             self._reset_envs(done)
             obs = self._observe()
-        return obs, reward, done, info
+        return obs, out["reward"], done, info

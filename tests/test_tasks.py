@@ -148,11 +148,11 @@ def test_the_t_blocks_links_add_up_their_impulses_as_one_rigid_body():
     for link in (bar, stem):
         link.state.rot, link.state.vel, link.state.ang_vel = torch.zeros(1, 1), torch.zeros(1, 2), torch.zeros(1, 1)
     before = env._rigid_state()
-    # What one step of contacts left: the bar pushed along +x, the stem along -y and turned about its own centre.
+    # What one (sub)step of contacts left: the bar pushed along +x, the stem along -y and turned about its own centre.
     bar.state.vel, stem.state.vel, stem.state.ang_vel = torch.tensor([[0.3, 0.0]]), torch.tensor([[0.0, -0.6]]), \
         torch.tensor([[0.5]])
     bar.state.pos, stem.state.pos = bar.state.pos + 0.003, stem.state.pos - 0.004  # where they drifted meanwhile
-    env._make_rigid(before)
+    env._make_rigid(before, M.DT)
     # By hand: impulses 3 x (0.3, 0) and 3 x (0, -0.6) -> centre-of-mass velocity (0.3, -0.6); about the centre of
     # mass the bar's (at (0, -1/6)) turns +0.15, the stem's spin 0.18667 x 0.5 = 0.09333 -> omega = 0.24333 / 0.18667.
     omega = (0.15 + env.rigid_izz * 0.5) / env.rigid_izz
@@ -186,9 +186,28 @@ def test_a_free_t_block_keeps_its_rigid_motion():
     torch.testing.assert_close(vel, com_vel.expand(2, 2))
     torch.testing.assert_close(spin, torch.full((2, 1), omega))
     torch.testing.assert_close(yaw, torch.full((2, 1), 0.4 + 50 * omega * M.DT))
-    torch.testing.assert_close(com, (state[0] + 50 * M.DT * com_vel).expand(2, 2))
-    # a link moves straight within a step, the body along an arc: the links drift by w^2 r dt^2 / 2 (0.03 mm here)
+    # float32 positions near x = 12 m: each of the 100 substeps' additions rounds by up to half an ulp (4.8e-7 m)
+    torch.testing.assert_close(com, (state[0] + 50 * M.DT * com_vel).expand(2, 2), rtol=0, atol=1e-4)
+    # a link moves straight within a substep, the body along an arc: the links drift by w^2 r dt^2 / 2 (0.01 mm)
     assert float(env.rigid_error.max()) < 1e-4
+
+
+def test_a_t_block_charged_by_both_agents_stays_rigid_and_calm():
+    # Both agents run at the object's centre at full speed (plus noise): they squeeze its links between them. Made
+    # rigid once per 0.02 s step, the links oscillated with a growing amplitude here (drifts of 0.89 m, the T spinning
+    # at 127 rad/s); made rigid after every substep, the largest drift is 26 mm and the yaw rate 3.3 rad/s.
+    env = make_env("vmas", num_envs=64, seed=0, task="tblock")
+    env.reset()
+    noise = torch.Generator().manual_seed(0)
+    drift, spin = 0.0, 0.0
+    for _ in range(200):
+        s = env.scene()
+        to_box = s.box_xy.unsqueeze(1) - s.agent_xy
+        forward = M.rotate(to_box / torch.linalg.vector_norm(to_box, dim=-1, keepdim=True), -s.agent_yaw)
+        actions = torch.cat([2.0 * forward, torch.zeros(64, 2, 1)], -1) + 0.3 * torch.randn(64, 2, 3, generator=noise)
+        env.step(actions)
+        drift, spin = max(drift, float(env.rigid_error.max())), max(spin, float(env.box.state.ang_vel.abs().max()))
+    assert drift < 0.05 and spin < 10.0, (drift, spin)
 
 
 @pytest.mark.parametrize("task", list(TASKS))
