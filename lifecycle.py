@@ -305,7 +305,10 @@ def restore(models, checkpoint: dict, rank: int, env) -> Optional[Tuple[torch.Te
         torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
     if own["env"] is None or not hasattr(env, "load_state_dict"):  # MQE: the simulator restarts its episodes
         return None
-    obs = env.load_state_dict(own["env"])
+    try:
+        obs = env.load_state_dict(own["env"])
+    except ValueError as err:  # an env state the env cannot continue exactly
+        raise UsageError(f"cannot resume: {err}") from None
     return obs, own["episode"]["return"].to(obs.device), own["episode"]["length"].to(obs.device)
 
 

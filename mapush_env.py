@@ -614,8 +614,8 @@ class VmasPushEnv(PushScenario):
     def load_state_dict(self, state: dict) -> torch.Tensor:
         """Restore a `state_dict()`; returns the current observation."""
         if state.get("version") != ENV_STATE_VERSION:
-            raise ValueError("the env state comes from before commit 'per-env reset rows' changed the embedded env's "
-                             "random stream; continue that run with the code it started with")
+            raise ValueError("its env state was saved before commit f5e0968 changed the embedded env's random "
+                             "stream; continue that run with the commit it started with")
         for entity in self.world.entities:
             pos, vel, rot, ang_vel = (x.to(self.device) for x in state["bodies"][entity.name])
             entity.state.pos, entity.state.vel, entity.state.rot, entity.state.ang_vel = pos, vel, rot, ang_vel

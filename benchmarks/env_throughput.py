@@ -7,6 +7,9 @@ their resets are spread over the steps as in training.
     python benchmarks/env_throughput.py --tasks cuboid tblock cylinder --num-envs 512
     git worktree add /tmp/before <commit>                    # side by side with another checkout, and the task
     python benchmarks/env_throughput.py --against /tmp/before --vmas-make-env --rounds 3   # through vmas.make_env
+
+`--cpu-time` divides by the process's CPU time instead of the wall-clock: on a machine busy with other work (and one
+torch thread) it leaves out the time spent waiting for a core.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ def load_env_module(checkout: str):
     return module
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def measure(num_envs: int, steps: int, device: str, agent_shape: str, task: str = "cuboid", module=mapush_env) -> float:
     env = module.make_env("vmas", num_envs=num_envs, device=device, seed=0, agent_shape=agent_shape, task=task)
     env.reset()
@@ -41,12 +47,12 @@ def measure(num_envs: int, steps: int, device: str, agent_shape: str, task: str 
         env.step(torch.randn(shape, generator=gen, device=env.device))
     if env.device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         env.step(torch.randn(shape, generator=gen, device=env.device))
     if env.device.type == "cuda":
         torch.cuda.synchronize()
-    return num_envs * steps / (time.perf_counter() - start)
+    return num_envs * steps / (CLOCK() - start)
 
 
 def measure_vmas(num_envs: int, steps: int, device: str, agent_shape: str, task: str = "cuboid") -> float:
@@ -68,10 +74,10 @@ def measure_vmas(num_envs: int, steps: int, device: str, agent_shape: str, task:
 
     for _ in range(20):
         step()
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         step()
-    return num_envs * steps / (time.perf_counter() - start)
+    return num_envs * steps / (CLOCK() - start)
 
 
 if __name__ == "__main__":
@@ -85,9 +91,12 @@ if __name__ == "__main__":
                         "VmasPushEnv is measured in the same rounds")
     parser.add_argument("--vmas-make-env", action="store_true", help="also measure through vmas.make_env")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times; medians")
+    parser.add_argument("--cpu-time", action="store_true", help="env steps per second of this process's CPU time")
     args = parser.parse_args()
+    if args.cpu_time:
+        CLOCK = time.process_time
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"agent shape {args.agent_shape}")
+          f"agent shape {args.agent_shape}, {'per CPU second' if args.cpu_time else 'per wall-clock second'}")
     variants = {"VmasPushEnv": lambda *a: measure(*a)}
     if args.against:
         against = load_env_module(args.against)

@@ -287,6 +287,20 @@ def test_a_resume_of_a_finished_run_says_so(reference):
     assert result.returncode == 2 and "nothing to train" in result.stderr and "iteration 6 of 6" in result.stderr
 
 
+def test_a_checkpoint_from_before_the_env_stream_change_is_refused_in_one_line(reference, tmp_path):
+    cwd, run_dir = reference
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint_4.pt"), weights_only=False)
+    for own in checkpoint["ranks"]:
+        del own["env"]["version"]  # as the env state of every checkpoint saved before commit f5e0968
+    old = tmp_path / "old.pt"
+    torch.save(checkpoint, old)
+    before = run_dirs(cwd)
+    result = run(cwd, *SIX, "--resume", str(old))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot resume" in result.stderr and "f5e0968" in result.stderr
+    assert run_dirs(cwd) == before
+
+
 def test_nonfinite_observations_and_rewards_are_zeroed_counted_and_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     real_step = mapush_env.VmasPushEnv.step
