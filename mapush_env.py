@@ -498,10 +498,12 @@ class PushScenario(BaseScenario):
         self.step_count = torch.where(mask, torch.zeros_like(self.step_count), self.step_count)
         # No spurious distance reward on the first step of an episode (MQE compares against the old episode).
         self.prev_dist = torch.where(mask, torch.linalg.vector_norm(box_xy - target_xy, dim=-1), self.prev_dist)
-        if not self.outcome:  # before the first step, VMAS may ask for dones and infos
-            no = torch.zeros(E, dtype=torch.bool, device=self.device)
-            self.outcome = {"success": no, "time_out": no, "exception": no, "done": no,
-                            "reward": torch.zeros(E, A, device=self.device)}
+        # A reset env is not done (VMAS's callers, TorchRL's VmasEnv among them, read the flags after `reset_at`).
+        if not self.outcome:
+            self.outcome = {"reward": torch.zeros(E, A, device=self.device)}
+        no = torch.zeros(E, dtype=torch.bool, device=self.device)
+        for key in ("success", "time_out", "exception", "done"):
+            self.outcome[key] = self.outcome.get(key, no) & ~mask
 
     # -- step -------------------------------------------------------------------------------------------------
     def drive(self, actions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -642,7 +644,7 @@ class VmasPushEnv(PushScenario):
             agent.state.torque = torque[:, i : i + 1]
         self.world.step()
         self.post_step()
-        out = self.outcome
+        out = dict(self.outcome)  # the step's results, before a reset clears the flags of the envs it resets
         info = {key: out[key] for key in ("success", "time_out", "exception", "reward_terms", "nonfinite_obs")}
         info.update(final_obs=out["obs"], final_scene=out["scene"])
         obs, done = out["obs"], out["done"]

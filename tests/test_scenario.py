@@ -67,6 +67,7 @@ def test_vmas_make_env_equals_the_trainers_env_bitwise(task):
         resets_in_one_step = max(resets_in_one_step, len(ended))
         for i in ended:  # as a VMAS user or TorchRL's VmasEnv resets: one env at a time, in ascending order
             theirs.reset_at(i)
+        assert not theirs.get_from_scenario(False, False, False, True)[0].any()  # a reset env is not done
         assert torch.equal(observed(theirs), obs)
         assert torch.equal(theirs.scenario.step_count, ours.step_count)
     assert (reasons > 0).all(), f"successes, collisions, time-outs: {reasons.tolist()}"
