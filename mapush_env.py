@@ -319,9 +319,9 @@ class PushScenario(BaseScenario):
 
     Random numbers: each env's reset draws one row of 3 + 6A uniforms (box yaw; target radius and angle; the agents'
     ring radii, ring angles, yaws, spawn velocities and yaw rates) from `rng` (default: torch's global generator,
-    which `vmas.make_env(seed=...)` seeds); the first reset draws every env's object friction before its rows. A reset of n envs
-    at once draws its n rows in env order, so on the CPU it consumes the generator exactly as n single-env resets in
-    ascending order do (torch's CPU `rand` fills a tensor element by element).
+    which `vmas.make_env(seed=...)` seeds); the first reset draws every env's object friction before its rows. A reset
+    of n envs at once draws its n rows in env order, so on the CPU it consumes the generator exactly as n single-env
+    resets in ascending order do (torch's CPU `rand` fills a tensor element by element).
     """
 
     rng: Optional[torch.Generator] = None
@@ -426,13 +426,10 @@ class PushScenario(BaseScenario):
         return Scene(box_xy, box_yaw, self.target_xy, xy, yaw, rotate(vel, -yaw), ang_vel, self.box.state.vel,
                      self.box.state.ang_vel[:, 0])
 
-    def _raw_observations(self) -> torch.Tensor:
+    def _observe(self) -> torch.Tensor:
         xy, yaw, _, _ = self._agents_state()
         box_xy, box_yaw = self._box_state()
-        return observations(box_xy, box_yaw, self.target_xy, xy, yaw)
-
-    def _observe(self) -> torch.Tensor:
-        obs = self._raw_observations()
+        obs = observations(box_xy, box_yaw, self.target_xy, xy, yaw)
         return torch.where(torch.isfinite(obs), obs, torch.zeros_like(obs))
 
     # -- reset ------------------------------------------------------------------------------------------------
@@ -527,9 +524,9 @@ class PushScenario(BaseScenario):
         """After the physics: the step's observations, rewards and termination, kept in `outcome` (as MQE's wrapper
         computes them from the post-physics state)."""
         self.step_count += 1
-        agent_xy, agent_yaw, vel, ang_vel = self._agents_state()
-        box_xy, box_yaw = self._box_state()
-        raw_obs = observations(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw)
+        scene = self.scene()
+        box_xy, box_yaw, agent_xy = scene.box_xy, scene.box_yaw, scene.agent_xy
+        raw_obs = observations(box_xy, box_yaw, self.target_xy, agent_xy, scene.agent_yaw)
         finite = torch.isfinite(raw_obs)
         nonfinite = (~finite).flatten(1).sum(1)  # [E] entries zeroed; such an env is punished, not reset (as MQE)
         dist = torch.linalg.vector_norm(box_xy - self.target_xy, dim=-1)
@@ -540,9 +537,7 @@ class PushScenario(BaseScenario):
         self.outcome = {
             "obs": torch.where(finite, raw_obs, torch.zeros_like(raw_obs)), "reward": reward, "reward_terms": terms,
             "success": success, "time_out": time_out, "exception": exception,
-            "done": success | exception | time_out, "nonfinite_obs": nonfinite,
-            "scene": Scene(box_xy, box_yaw, self.target_xy, agent_xy, agent_yaw, rotate(vel, -agent_yaw), ang_vel,
-                           self.box.state.vel, self.box.state.ang_vel[:, 0]),
+            "done": success | exception | time_out, "nonfinite_obs": nonfinite, "scene": scene,
         }
 
     def observation(self, agent) -> torch.Tensor:

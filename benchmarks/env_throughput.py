@@ -56,7 +56,7 @@ def measure(num_envs: int, steps: int, device: str, agent_shape: str, task: str 
 
 
 def measure_vmas(num_envs: int, steps: int, device: str, agent_shape: str, task: str = "cuboid") -> float:
-    """The same through `vmas.make_env(PushScenario())`, each done env reset by `reset_at`, as TorchRL's VmasEnv does."""
+    """The same through `vmas.make_env(PushScenario())`; each done env is reset by `reset_at`, as TorchRL does."""
     import vmas
 
     env = vmas.make_env(mapush_env.PushScenario(), num_envs=num_envs, device=device, seed=0, clamp_actions=True,
