@@ -5,8 +5,10 @@ use it and a reviewer need not audit a hand-written bootstrap: the interquartile
 stratified percentile-bootstrap confidence interval, and the probability of improvement P(X > Y) with its CI. It is a
 benchmarks-only dependency (benchmarks/requirements.txt); the trainer does not need it.
 
-    python benchmarks/stats.py CSV [--group arm] [--baseline default] [--value eval_success]
+    python benchmarks/stats.py CSV [CSV ...] [--group arm] [--baseline default] [--value eval_success]
         prints, per group and checkpoint, IQM [95 % CI], min-max over seeds and P(baseline > group)
+    python benchmarks/stats.py compare.csv sweep_20m_confirm.csv --where arm=mappo arm=ent_coef_0.02 \
+        --rename ent_coef_0.02=happo --baseline happo       # arms from two files in one table
 
 A CSV has one row per run and checkpoint, with columns for the group (e.g. `arm`, `task`), `seed`, `iteration` or
 `env_steps`, and the value (e.g. `eval_success`), as benchmarks/sweep.py and benchmarks/compare.py write them.
@@ -89,7 +91,7 @@ def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = ""
     heads = [f"{steps[c] / 1e6:.1f} M" for c in checkpoints]
     lines = [f"| {group} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for g in groups:
-        lines.append(f"| {g} | " + " | ".join(cell(runs[(g, c)]) for c in checkpoints) + " |")
+        lines.append(f"| {g} | " + " | ".join(cell(runs[(g, c)]) if runs[(g, c)] else "-" for c in checkpoints) + " |")
     if baseline and baseline not in groups:
         raise SystemExit(f"error: --baseline {baseline} is not one of the {group} values: {', '.join(groups)}")
     if baseline:
@@ -97,20 +99,35 @@ def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = ""
                   "|---|" + "---|" * len(heads)]
         for g in groups:
             if g != baseline:
-                cells = [probability_of_improvement(runs[(baseline, c)], runs[(g, c)]) for c in checkpoints]
-                lines.append(f"| {g} | " + " | ".join(f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in cells) + " |")
+                cells = [probability_of_improvement(runs[(baseline, c)], runs[(g, c)])
+                         if runs[(baseline, c)] and runs[(g, c)] else None for c in checkpoints]
+                lines.append(f"| {g} | " + " | ".join(f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]" if x else "-"
+                                                      for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("csv")
+    parser.add_argument("csv", nargs="+", help="one or more CSVs; their rows are pooled")
     parser.add_argument("--group", default="arm", help="the column whose values are compared (default: arm)")
     parser.add_argument("--value", default="eval_success")
     parser.add_argument("--baseline", default="", help="a group value: P(baseline > each other group)")
-    parser.add_argument("--where", nargs="*", default=[], help="column=value filters, e.g. task=cylinder")
+    parser.add_argument("--where", nargs="*", default=[],
+                        help="column=value filters, e.g. task=cylinder; the same column named twice keeps either value")
+    parser.add_argument("--rename", nargs="*", default=[], help="old=new: a group value renamed in the table")
     args = parser.parse_args()
-    print(table(read(args.csv, args.where), args.group, args.value, args.baseline))
+    rows = [row for path in args.csv for row in read(path)]
+    for column in dict.fromkeys(c.partition("=")[0] for c in args.where):
+        wanted = {c.partition("=")[2] for c in args.where if c.partition("=")[0] == column}
+        rows = [r for r in rows if r.get(column) in wanted]
+    if not rows:
+        raise SystemExit(f"error: no rows match {' '.join(args.where)}")
+    if any("=" not in r for r in args.rename):
+        parser.error("--rename takes old=new pairs")
+    renamed = dict(r.split("=", 1) for r in args.rename)
+    for row in rows:
+        row[args.group] = renamed.get(row[args.group], row[args.group])
+    print(table(rows, args.group, args.value, args.baseline))
     return 0
 
 
