@@ -94,7 +94,7 @@ def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = ""
         lines.append(f"| {g} | " + " | ".join(cell(runs[(g, c)]) if runs[(g, c)] else "-" for c in checkpoints) + " |")
     if baseline and baseline not in groups:
         raise SystemExit(f"error: --baseline {baseline} is not one of the {group} values: {', '.join(groups)}")
-    if baseline:
+    if baseline and len(groups) > 1:
         lines += ["", f"P({baseline} > arm) [95 % CI] over seeds:", "", f"| arm | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(heads)]
         for g in groups:
