@@ -1,9 +1,14 @@
 """Shared by the benchmark scripts: run the trainer as a subprocess, evaluate checkpoints, read TensorBoard."""
 from __future__ import annotations
 
+import argparse
+import csv
+import functools
 import glob
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -123,6 +128,75 @@ def evaluate_checkpoint(path: str, episodes: int, seed: int = EVAL_SEED) -> Tupl
     with open(cache, "w") as f:
         json.dump([success, completion, checkpoint["global_step"]], f)
     return success, completion, checkpoint["global_step"]
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, at: Sequence[float], seeds: Sequence[int]) -> None:
+    """The arguments of a side-by-side experiment (benchmarks/sweep.py, benchmarks/compare.py): seeds, checkpoints,
+    evaluation, parallelism, output folder, and the trainer flags for every run after `--`."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--at", type=float, nargs="+", default=list(at), help="evaluate at these M env steps")
+    parser.add_argument("--eval-episodes", type=int, default=1024)
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[10_000, 10_001])
+    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", help="output folder (default: a new time-stamped one under benchmarks/results)")
+    parser.add_argument("--skip-training", action="store_true", help="only evaluate the runs already in --out")
+    parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
+
+
+class Experiment:
+    """Runs (exp_name, seed, flags) side by side into one output folder and evaluates their checkpoints at `--at`.
+
+    The checkpoints are saved every gcd of the evaluation iterations, so each evaluation point is a checkpoint; runs
+    that already reached the last one are not trained again, unfinished ones continue from their newest checkpoint."""
+
+    def __init__(self, args: argparse.Namespace, prefix: str, steps_per_iteration: int):
+        if args.skip_training and not args.out:
+            raise SystemExit("error: --skip-training reads an earlier experiment: name its folder with --out")
+        self.args, self.out = args, args.out or fresh_folder(prefix)
+        self.iterations = [int(m * 1e6 // steps_per_iteration) for m in args.at]  # checkpoints at or below --at
+        self.common = [f for f in args.trainer_flags if f != "--"] + [
+            "--total-timesteps", str(max(self.iterations) * steps_per_iteration),
+            "--save-interval", str(functools.reduce(math.gcd, self.iterations))]
+
+    def train(self, runs: Sequence[Tuple[str, int, List[str]]]) -> None:
+        if not self.args.skip_training:
+            jobs = [(self.out, name, seed, self.common + flags) for name, seed, flags in runs
+                    if max(self.iterations) not in self.saved(name, seed)]
+            run_all(jobs, self.args.parallel, self.args.threads)
+
+    def saved(self, name: str, seed: int) -> Dict[int, str]:
+        try:
+            return dict(checkpoints(run_dir(self.out, name, seed)))
+        except FileNotFoundError:
+            return {}
+
+    def evaluate(self, name: str, seed: int, labels: dict) -> List[dict]:
+        """One row per evaluation point that the run has reached: `labels`, seed, iteration, env steps, eval success
+        and completion time (the mean over the eval seeds), training wall-clock (total and per iteration)."""
+        saved, rows = self.saved(name, seed), []
+        wall = training_seconds(run_dir(self.out, name, seed)) if saved else math.nan
+        for iteration in (i for i in self.iterations if i in saved):
+            evals = [evaluate_checkpoint(saved[iteration], self.args.eval_episodes, s) for s in self.args.eval_seeds]
+            rows.append(dict(**labels, seed=seed, iteration=iteration, env_steps=evals[0][2],
+                             eval_success=round(statistics.mean(e[0] for e in evals), 4),
+                             eval_completion_s=round(statistics.mean(e[1] for e in evals), 3),
+                             wall_clock_min=round(wall / 60, 1),
+                             wall_clock_s_per_iteration=round(wall / max(saved), 3)))
+            print(rows[-1], flush=True)
+        return rows
+
+    def write(self, name: str, rows: List[dict], report: str) -> None:
+        if not rows:
+            raise SystemExit(f"error: no evaluated checkpoint under {self.out}")
+        with open(os.path.join(self.out, f"{name}.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(os.path.join(self.out, f"{name}.md"), "w") as f:
+            f.write(report)
+        print(report)
+        print(f"wrote {self.out}/{name}.csv and {name}.md")
 
 
 def fresh_folder(prefix: str) -> str:

@@ -21,16 +21,13 @@ wall-clock per iteration, and the update time per iteration (both actor and crit
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import statistics
 import sys
 import time
-from functools import reduce
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import checkpoints, evaluate_checkpoint, fresh_folder, run_all, run_dir, training_seconds  # noqa: E402
+from common import Experiment, add_experiment_arguments  # noqa: E402
 
 ARMS = {"happo": [], "happo_simultaneous": ["--no-sequential"], "mappo": ["--share-actor", "--no-sequential"]}
 ENV_STEPS_PER_ITERATION = 512 * 20 * 5  # the default's num_envs x num_steps x action_repeat
@@ -64,61 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["cuboid", "cylinder"], choices=["cuboid", "tblock", "cylinder"])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--at", type=float, nargs="+", default=[10, 20], help="evaluate at these M env steps")
-    parser.add_argument("--eval-episodes", type=int, default=1024)
-    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[10_000, 10_001])
-    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--out", help="output folder (default: a new benchmarks/results/compare_<time>)")
-    parser.add_argument("--skip-training", action="store_true", help="only evaluate the runs already in --out")
-    parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every run")
+    add_experiment_arguments(parser, at=[10, 20], seeds=[1, 2, 3, 4, 5])
     args = parser.parse_args()
-    if args.skip_training and not args.out:
-        parser.error("--skip-training reads an earlier comparison: name its folder with --out")
-    out = args.out or fresh_folder("compare")
-    iterations = [int(m * 1e6 // ENV_STEPS_PER_ITERATION) for m in args.at]  # the checkpoints at or below --at
-    common = [f for f in args.trainer_flags if f != "--"]
-    common += ["--total-timesteps", str(max(iterations) * ENV_STEPS_PER_ITERATION), "--save-interval",
-               str(reduce(math.gcd, iterations))]
+    experiment = Experiment(args, "compare", ENV_STEPS_PER_ITERATION)
     runs = [(seed, task, arm) for seed in args.seeds for task in args.tasks for arm in args.arms]
-    if not args.skip_training:
-        jobs = [(out, f"{task}_{arm}", seed, common + ["--task", task] + ARMS[arm]) for seed, task, arm in runs
-                if not finished(out, f"{task}_{arm}", seed, max(iterations))]
-        run_all(jobs, args.parallel, args.threads)
-
-    rows = []
-    for seed, task, arm in runs:
-        try:
-            directory = run_dir(out, f"{task}_{arm}", seed)
-        except FileNotFoundError:
-            continue  # not trained yet: the table covers what exists
-        saved = dict(checkpoints(directory))
-        per_iteration = training_seconds(directory) / max(saved) if saved else math.nan
-        for iteration in (i for i in iterations if i in saved):
-            evals = [evaluate_checkpoint(saved[iteration], args.eval_episodes, s) for s in args.eval_seeds]
-            rows.append(dict(task=task, arm=arm, seed=seed, iteration=iteration, env_steps=evals[0][2],
-                             eval_success=round(statistics.mean(e[0] for e in evals), 4),
-                             eval_completion_s=round(statistics.mean(e[1] for e in evals), 3),
-                             wall_clock_s_per_iteration=round(per_iteration, 3)))
-            print(rows[-1], flush=True)
-    if not rows:
-        raise SystemExit(f"error: no evaluated checkpoint under {out}")
-    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(report(rows, args))
-    print(open(os.path.join(out, "compare.md")).read())
-    print(f"wrote {out}/compare.csv and compare.md")
-
-
-def finished(out: str, exp_name: str, seed: int, last: int) -> bool:
-    try:
-        return last in dict(checkpoints(run_dir(out, exp_name, seed)))
-    except FileNotFoundError:
-        return False
+    experiment.train([(f"{task}_{arm}", seed, ["--task", task] + ARMS[arm]) for seed, task, arm in runs])
+    # a run not trained yet has no rows: the table covers what exists
+    rows = [row for seed, task, arm in runs for row in experiment.evaluate(f"{task}_{arm}", seed, dict(task=task, arm=arm))]
+    experiment.write("compare", rows, report(rows, args))
 
 
 def report(rows, args) -> str:

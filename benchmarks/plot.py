@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import fresh_folder  # noqa: E402
-from stats import REPS, SEED, read  # noqa: E402
+from stats import REPS, read, seeded_numpy  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +30,6 @@ def main() -> None:
     parser.add_argument("--where", nargs="*", default=[], help="column=value filters, e.g. task=cylinder")
     parser.add_argument("--out", help="output folder (default: a new benchmarks/results/plot_<time>)")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
     try:
         import matplotlib
 
@@ -57,9 +55,9 @@ def main() -> None:
     def iqm_per_checkpoint(x):
         return np.array([metrics.aggregate_iqm(x[:, i]) for i in range(x.shape[1])])
 
-    point, interval = library.get_interval_estimates(
-        {g: s[:, None, :] for g, s in scores.items()},
-        lambda x: iqm_per_checkpoint(x[:, 0, :]), reps=REPS // 5, random_state=np.random.RandomState(SEED))
+    with seeded_numpy():  # rliable draws its resamples from numpy's global generator
+        point, interval = library.get_interval_estimates(
+            {g: s[:, None, :] for g, s in scores.items()}, lambda x: iqm_per_checkpoint(x[:, 0, :]), reps=REPS // 5)
     fig, ax = plt.subplots(figsize=(7, 5))
     plot_utils.plot_sample_efficiency_curve(np.array(steps) / 1e6, point, interval, algorithms=groups, ax=ax,
                                             xlabel="env steps (millions)", ylabel="eval success (IQM)",
@@ -70,7 +68,8 @@ def main() -> None:
 
     taus = np.linspace(0.0, 1.0, 101)
     last = {g: s[:, -1:] for g, s in scores.items()}
-    profiles, profile_cis = library.create_performance_profile(last, taus, reps=REPS // 5)
+    with seeded_numpy():
+        profiles, profile_cis = library.create_performance_profile(last, taus, reps=REPS // 5)
     fig, ax = plt.subplots(figsize=(7, 5))
     plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_cis, ax=ax,
                                          xlabel=f"eval success at {steps[-1] / 1e6:.1f} M env steps (tau)",

@@ -7,6 +7,7 @@ benchmarks-only dependency (benchmarks/requirements.txt); the trainer does not n
 
     python benchmarks/stats.py CSV [CSV ...] [--group arm] [--baseline default] [--value eval_success]
         prints, per group and checkpoint, IQM [95 % CI], min-max over seeds and P(baseline > group)
+    python benchmarks/stats.py sweep.csv --improves-on default      # P(candidate > default) instead
     python benchmarks/stats.py compare.csv sweep_20m_confirm.csv --where arm=mappo arm=ent_coef_0.02 \
         --rename ent_coef_0.02=happo --baseline happo       # arms from two files in one table
 
@@ -16,9 +17,9 @@ A CSV has one row per run and checkpoint, with columns for the group (e.g. `arm`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
-import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -28,8 +29,6 @@ SEED = 0  # the bootstrap's own random state: the same CSV always gives the same
 
 
 def _rliable():
-    # arch, under rliable, warns that a RandomState argument is deprecated; rliable passes ours, for reproducibility
-    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
     try:
         from rliable import library, metrics
     except ImportError as err:  # one line, not a traceback
@@ -37,14 +36,28 @@ def _rliable():
     return library, metrics
 
 
+@contextlib.contextmanager
+def seeded_numpy():
+    """numpy's global generator seeded with SEED, and the caller's state given back afterwards. rliable 1.2's
+    bootstraps (StratifiedBootstrap.update_indices, StratifiedIndependentBootstrap._get_indices) draw their resamples
+    with np.random.choice and ignore their random_state argument: unseeded, the same CSV gave P(happo > mappo) =
+    0.52 [0.12, 1.00] in one call and 0.52 [0.16, 0.96] in the next."""
+    outside = np.random.get_state()
+    np.random.seed(SEED)
+    try:
+        yield
+    finally:
+        np.random.set_state(outside)
+
+
 def iqm(values: Sequence[float], reps: int = REPS) -> Tuple[float, float, float]:
     """(IQM, low, high) over runs: the 25 % trimmed mean with a 95 % percentile-bootstrap CI (one task: the
     stratified bootstrap resamples the runs)."""
     library, metrics = _rliable()
     scores = {"x": np.asarray(values, dtype=float).reshape(-1, 1)}
-    point, interval = library.get_interval_estimates(
-        scores, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=reps,
-        random_state=np.random.RandomState(SEED))
+    with seeded_numpy():
+        point, interval = library.get_interval_estimates(scores, lambda s: np.array([metrics.aggregate_iqm(s)]),
+                                                         reps=reps)
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 
@@ -52,8 +65,8 @@ def probability_of_improvement(x: Sequence[float], y: Sequence[float], reps: int
     """(P(X > Y), low, high): the chance that a run of X beats a run of Y (ties count half), with a 95 % CI."""
     library, metrics = _rliable()
     pair = {"xy": [np.asarray(x, dtype=float).reshape(-1, 1), np.asarray(y, dtype=float).reshape(-1, 1)]}
-    point, interval = library.get_interval_estimates(pair, metrics.probability_of_improvement, reps=reps,
-                                                     random_state=np.random.RandomState(SEED))
+    with seeded_numpy():
+        point, interval = library.get_interval_estimates(pair, metrics.probability_of_improvement, reps=reps)
     low, high = np.asarray(interval["xy"]).ravel()
     return float(point["xy"]), float(low), float(high)
 
@@ -81,8 +94,9 @@ def read(path: str, where: Sequence[str] = ()) -> List[Dict[str, str]]:
     return rows
 
 
-def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = "") -> str:
-    """A markdown table: one row per group value, one column per checkpoint, and P(baseline > group) per column."""
+def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = "", improves_on: str = "") -> str:
+    """A markdown table: one row per group value, one column per checkpoint; then, per column, P(baseline > group)
+    (is the baseline better than each alternative?) or P(group > improves_on) (does each candidate improve on it?)."""
     checkpoints = sorted({int(r["iteration"]) for r in rows})
     steps = {int(r["iteration"]): int(r["env_steps"]) for r in rows}
     groups = list(dict.fromkeys(r[group] for r in rows))
@@ -92,17 +106,22 @@ def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = ""
     lines = [f"| {group} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(cell(runs[(g, c)]) if runs[(g, c)] else "-" for c in checkpoints) + " |")
-    if baseline and baseline not in groups:
-        raise SystemExit(f"error: --baseline {baseline} is not one of the {group} values: {', '.join(groups)}")
-    if baseline and len(groups) > 1:
-        lines += ["", f"P({baseline} > arm) [95 % CI] over seeds:", "", f"| arm | " + " | ".join(heads) + " |",
+    if baseline and improves_on:
+        raise SystemExit("error: give --baseline or --improves-on, not both")
+    reference = baseline or improves_on
+    if reference and reference not in groups:
+        raise SystemExit(f"error: {reference} is not one of the {group} values: {', '.join(groups)}")
+    if reference and len(groups) > 1:
+        title = f"P({baseline} > {group})" if baseline else f"P({group} > {improves_on})"
+        lines += ["", f"{title} [95 % CI] over seeds:", "", f"| {group} | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(heads)]
         for g in groups:
-            if g != baseline:
-                cells = [probability_of_improvement(runs[(baseline, c)], runs[(g, c)])
-                         if runs[(baseline, c)] and runs[(g, c)] else None for c in checkpoints]
-                lines.append(f"| {g} | " + " | ".join(f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]" if x else "-"
-                                                      for x in cells) + " |")
+            if g != reference:
+                pairs = [(runs[(reference, c)], runs[(g, c)]) if baseline else (runs[(g, c)], runs[(reference, c)])
+                         for c in checkpoints]
+                cells = [probability_of_improvement(x, y) if x and y else None for x, y in pairs]
+                lines.append(f"| {g} | " + " | ".join(f"{p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}]" if p else "-"
+                                                      for p in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,6 +131,7 @@ def main() -> int:
     parser.add_argument("--group", default="arm", help="the column whose values are compared (default: arm)")
     parser.add_argument("--value", default="eval_success")
     parser.add_argument("--baseline", default="", help="a group value: P(baseline > each other group)")
+    parser.add_argument("--improves-on", default="", help="a group value: P(each other group > it), for candidates")
     parser.add_argument("--where", nargs="*", default=[],
                         help="column=value filters, e.g. task=cylinder; the same column named twice keeps either value")
     parser.add_argument("--rename", nargs="*", default=[], help="old=new: a group value renamed in the table")
@@ -127,7 +147,7 @@ def main() -> int:
     renamed = dict(r.split("=", 1) for r in args.rename)
     for row in rows:
         row[args.group] = renamed.get(row[args.group], row[args.group])
-    print(table(rows, args.group, args.value, args.baseline))
+    print(table(rows, args.group, args.value, args.baseline, args.improves_on))
     return 0
 
 
