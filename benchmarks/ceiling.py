@@ -39,7 +39,8 @@ def main() -> None:
             assert bool((done == info["exception"]).all()), "only exceptions can end an episode on its first decision"
             ended.append(int(done.sum()))
         ceiling = 1.0 - sum(ended) / (len(ended) * args.eval_episodes)
-        print(f"| {task} | " + " | ".join(f"{n} of {args.eval_episodes}" for n in ended) + f" | {100 * ceiling:.1f} % |")
+        cells = " | ".join(f"{n} of {args.eval_episodes}" for n in ended)
+        print(f"| {task} | {cells} | {100 * ceiling:.1f} % |")
 
 
 if __name__ == "__main__":

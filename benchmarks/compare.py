@@ -67,7 +67,8 @@ def main() -> None:
     runs = [(seed, task, arm) for seed in args.seeds for task in args.tasks for arm in args.arms]
     experiment.train([(f"{task}_{arm}", seed, ["--task", task] + ARMS[arm]) for seed, task, arm in runs])
     # a run not trained yet has no rows: the table covers what exists
-    rows = [row for seed, task, arm in runs for row in experiment.evaluate(f"{task}_{arm}", seed, dict(task=task, arm=arm))]
+    rows = [row for seed, task, arm in runs
+            for row in experiment.evaluate(f"{task}_{arm}", seed, dict(task=task, arm=arm))]
     experiment.write("compare", rows, report(rows, args))
 
 

@@ -58,7 +58,8 @@ def report(rows, args) -> str:
     from stats import table
 
     marks = " | ".join(f"{m:g} M" for m in args.at)
-    lines = [f"| arm | seed | eval success at {marks} | wall-clock (min) |", "|---|---|" + "---|" * len(args.at) + "---|"]
+    lines = [f"| arm | seed | eval success at {marks} | wall-clock (min) |",
+             "|---|---|" + "---|" * len(args.at) + "---|"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
         for seed in dict.fromkeys(r["seed"] for r in rows if r["arm"] == arm):
             mine = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
