@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -148,22 +148,61 @@ class Experiment:
     """Runs (exp_name, seed, flags) side by side into one output folder and evaluates their checkpoints at `--at`.
 
     The checkpoints are saved every gcd of the evaluation iterations, so each evaluation point is a checkpoint; runs
-    that already reached the last one are not trained again, unfinished ones continue from their newest checkpoint."""
+    that already reached the last one are not trained again, unfinished ones continue from their newest checkpoint.
+    The folder is one experiment, and its `<name>.csv` is its record: every write merges the new rows into it (under a
+    lock, so several processes can train into one folder), and a run whose checkpoints are not on this machine (a
+    folder committed or copied from another session) keeps its recorded rows instead of training again. The settings
+    that decide the numbers (`--at`, the evaluation, the trainer flags) are fixed in `experiment.json` by the first
+    run; a later one with other settings is refused, so one table never mixes two experiments."""
 
-    def __init__(self, args: argparse.Namespace, prefix: str, steps_per_iteration: int):
+    def __init__(self, args: argparse.Namespace, name: str, steps_per_iteration: int):
         if args.skip_training and not args.out:
             raise SystemExit("error: --skip-training reads an earlier experiment: name its folder with --out")
-        self.args, self.out = args, args.out or fresh_folder(prefix)
+        if args.skip_training and not os.path.isdir(args.out):
+            raise SystemExit(f"error: --skip-training reads an earlier experiment, and {args.out} does not exist")
+        self.args, self.name, self.out = args, name, args.out or fresh_folder(name)
         self.iterations = [int(m * 1e6 // steps_per_iteration) for m in args.at]  # checkpoints at or below --at
         self.common = [f for f in args.trainer_flags if f != "--"] + [
             "--total-timesteps", str(max(self.iterations) * steps_per_iteration),
             "--save-interval", str(functools.reduce(math.gcd, self.iterations))]
+        self.fix_settings(dict(at=list(args.at), eval_episodes=args.eval_episodes, eval_seeds=list(args.eval_seeds),
+                               trainer_flags=[f for f in args.trainer_flags if f != "--"]))
+
+    def fix_settings(self, settings: dict) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        path = os.path.join(self.out, "experiment.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                fixed = json.load(f)
+            changed = [k for k in settings if fixed.get(k) != settings[k]]
+            if changed:
+                was = "; ".join(f"{k} was {fixed.get(k)}" for k in changed)
+                raise SystemExit(f"error: {self.out} holds an experiment with other settings ({was}): use a new --out")
+        else:
+            with open(path, "w") as f:
+                json.dump(settings, f, indent=1)
+
+    def recorded(self, name: str, seed: int) -> List[dict]:
+        """The rows `<name>.csv` holds for the run (exp_name `name`, `seed`), numbers parsed."""
+        return [row for row in self.record() if row["seed"] == seed and row.get("run") == name]
+
+    def record(self) -> List[dict]:
+        path = os.path.join(self.out, f"{self.name}.csv")
+        if not os.path.isfile(path):
+            return []
+        with open(path, newline="") as f:
+            return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def train(self, runs: Sequence[Tuple[str, int, List[str]]]) -> None:
         if not self.args.skip_training:
             jobs = [(self.out, name, seed, self.common + flags) for name, seed, flags in runs
-                    if max(self.iterations) not in self.saved(name, seed)]
+                    if max(self.iterations) not in self.saved(name, seed) and not self.finished_elsewhere(name, seed)]
             run_all(jobs, self.args.parallel, self.args.threads)
+
+    def finished_elsewhere(self, name: str, seed: int) -> bool:
+        """The run has no checkpoint here, but the record holds its last evaluation point."""
+        return not self.saved(name, seed) and max(self.iterations) in {
+            r["iteration"] for r in self.recorded(name, seed)}
 
     def saved(self, name: str, seed: int) -> Dict[int, str]:
         try:
@@ -175,10 +214,15 @@ class Experiment:
         """One row per evaluation point that the run has reached: `labels`, seed, iteration, env steps, eval success
         and completion time (the mean over the eval seeds), training wall-clock (total and per iteration)."""
         saved, rows = self.saved(name, seed), []
+        if not saved:
+            kept = [r for r in self.recorded(name, seed) if r["iteration"] in self.iterations]
+            if kept:
+                print(f"{name} seed {seed}: no checkpoints here, its {len(kept)} recorded rows kept", flush=True)
+            return kept
         wall = training_seconds(run_dir(self.out, name, seed)) if saved else math.nan
         for iteration in (i for i in self.iterations if i in saved):
             evals = [evaluate_checkpoint(saved[iteration], self.args.eval_episodes, s) for s in self.args.eval_seeds]
-            rows.append(dict(**labels, seed=seed, iteration=iteration, env_steps=evals[0][2],
+            rows.append(dict(**labels, run=name, seed=seed, iteration=iteration, env_steps=evals[0][2],
                              eval_success=round(statistics.mean(e[0] for e in evals), 4),
                              eval_completion_s=round(statistics.mean(e[1] for e in evals), 3),
                              wall_clock_min=round(wall / 60, 1),
@@ -186,17 +230,39 @@ class Experiment:
             print(rows[-1], flush=True)
         return rows
 
-    def write(self, name: str, rows: List[dict], report: str) -> None:
-        if not rows:
-            raise SystemExit(f"error: no evaluated checkpoint under {self.out}")
-        with open(os.path.join(self.out, f"{name}.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(self.out, f"{name}.md"), "w") as f:
-            f.write(report)
-        print(report)
-        print(f"wrote {self.out}/{name}.csv and {name}.md")
+    def write(self, rows: List[dict], report: Callable[[List[dict]], str]) -> None:
+        """Merge `rows` into the record (a new row replaces the recorded one of the same run, seed and iteration),
+        then write the record and `report(all rows)` as `<name>.md`."""
+        import fcntl
+
+        with open(os.path.join(self.out, f"{self.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            new = {(r["run"], r["seed"], r["iteration"]): r for r in rows}
+            merged = [new.pop((r["run"], r["seed"], r["iteration"]), r) for r in self.record()]
+            rows = merged + list(new.values())
+            if not rows:
+                raise SystemExit(f"error: no evaluated checkpoint under {self.out}")
+            path = os.path.join(self.out, f"{self.name}.csv")
+            with open(path + ".tmp", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(path + ".tmp", path)  # a crash mid-write leaves the old record whole
+            text = report(rows)
+            with open(os.path.join(self.out, f"{self.name}.md"), "w") as f:
+                f.write(text)
+        print(text)
+        print(f"wrote {path} and {self.name}.md")
+
+
+def parse(value: str):
+    """A CSV cell back to the int or float it was written from; anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def fresh_folder(prefix: str) -> str:

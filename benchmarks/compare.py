@@ -69,7 +69,7 @@ def main() -> None:
     # a run not trained yet has no rows: the table covers what exists
     rows = [row for seed, task, arm in runs
             for row in experiment.evaluate(f"{task}_{arm}", seed, dict(task=task, arm=arm))]
-    experiment.write("compare", rows, report(rows, args))
+    experiment.write(rows, lambda every_row: report(every_row, args))
 
 
 def report(rows, args) -> str:
@@ -77,7 +77,8 @@ def report(rows, args) -> str:
 
     parts = [f"Eval success, MAPush's calculator on {args.eval_episodes} envs x {len(args.eval_seeds)} eval seeds; "
              "IQM [95 % CI], min-max (n seeds), rliable.\n"]
-    for task in args.tasks:
+    tasks, arms = list(dict.fromkeys(r["task"] for r in rows)), list(dict.fromkeys(r["arm"] for r in rows))
+    for task in tasks:
         mine = [{k: str(v) for k, v in r.items()} for r in rows if r["task"] == task]
         if mine:
             baseline = "happo" if any(r["arm"] == "happo" for r in mine) else ""
@@ -85,8 +86,8 @@ def report(rows, args) -> str:
     parts.append("\nTime per iteration (s): training wall-clock (TensorBoard event times, median over seeds; "
                  "runs side by side) and the actor + critic update alone (one thread, a random batch):\n\n"
                  "| task | arm | training | update |\n|---|---|---|---|\n")
-    for task in args.tasks:
-        for arm in args.arms:
+    for task in tasks:
+        for arm in arms:
             walls = [r["wall_clock_s_per_iteration"] for r in rows if r["task"] == task and r["arm"] == arm]
             if walls:
                 parts.append(f"| {task} | {arm} | {statistics.median(walls):.2f} | "

@@ -50,7 +50,7 @@ def main() -> None:
     experiment = Experiment(args, "sweep", ENV_STEPS_PER_ITERATION)
     experiment.train([(arm, seed, ARMS[arm]) for seed in args.seeds for arm in args.arms])
     rows = [row for arm in args.arms for seed in args.seeds for row in experiment.evaluate(arm, seed, dict(arm=arm))]
-    experiment.write("sweep", rows, report(rows, args))
+    experiment.write(rows, lambda every_row: report(every_row, args))
 
 
 def report(rows, args) -> str:

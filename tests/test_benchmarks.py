@@ -1,0 +1,105 @@
+"""benchmarks/common.py's Experiment: an experiment folder's record survives other processes and lost checkpoints.
+
+A sweep spans sessions, and a session's machine may not keep its disk: the folder's CSV, committed, must be enough to
+continue it, and two processes training into one folder must not erase each other's rows. Training and evaluation
+are replaced by fakes that keep the real interfaces (checkpoint files named as the trainer names them, evaluations
+as (success, completion time, env steps))."""
+import argparse
+import csv
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import common  # noqa: E402
+
+STEPS = 1_000_000  # env steps per iteration: --at 1 2 are iterations 1 and 2
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Training writes the checkpoints a finished run would; evaluation reads a success rate from the path."""
+    trained = []
+
+    def run_all(jobs, parallel, threads=0):
+        for run_root, name, seed, flags in jobs:
+            trained.append((name, seed))
+            folder = os.path.join(run_root, "runs", f"cuboid__{name}__{seed}__1")
+            os.makedirs(folder, exist_ok=True)
+            for i in (1, 2):
+                open(os.path.join(folder, f"checkpoint_{i}.pt"), "w").close()
+        return {}
+
+    def evaluate_checkpoint(path, episodes, seed=common.EVAL_SEED):
+        iteration = int(os.path.basename(path)[len("checkpoint_"):-3])
+        success = 0.25 * iteration + (0.125 if "__b__" in path else 0.0) + (seed - common.EVAL_SEED) / 1024
+        return success, 9.5, iteration * STEPS
+
+    monkeypatch.setattr(common, "run_all", run_all)
+    monkeypatch.setattr(common, "evaluate_checkpoint", evaluate_checkpoint)
+    monkeypatch.setattr(common, "training_seconds", lambda directory: 120.0)
+    return trained
+
+
+def experiment(out, *argv):
+    parser = argparse.ArgumentParser()
+    common.add_experiment_arguments(parser, at=[1, 2], seeds=[7])
+    return common.Experiment(parser.parse_args(["--out", str(out), *argv]), "sweep", STEPS)
+
+
+def run(out, name, *argv):
+    e = experiment(out, *argv)
+    e.train([(name, 7, [])])
+    rows = e.evaluate(name, 7, dict(arm=name))
+    e.write(rows, lambda every_row: f"{len(every_row)} rows\n")
+    return rows
+
+
+def read(out):
+    with open(os.path.join(out, "sweep.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_processes_writing_one_folder_keep_each_others_rows(tmp_path, fake):
+    a, b = run(tmp_path, "a"), run(tmp_path, "b")
+    assert fake == [("a", 7), ("b", 7)]
+    rows = read(tmp_path)
+    assert [(r["run"], r["iteration"]) for r in rows] == [("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")]
+    # eval success is the mean over the two eval seeds: 0.25 * iteration (+ 0.125 for b) + 0.5 / 1024
+    assert [float(r["eval_success"]) for r in rows] == [round(x + 0.5 / 1024, 4) for x in (0.25, 0.5, 0.375, 0.625)]
+    assert open(os.path.join(tmp_path, "sweep.md")).read() == "4 rows\n"
+    assert [r["eval_success"] for r in a + b] == [float(r["eval_success"]) for r in rows]
+
+
+def test_a_run_whose_checkpoints_are_gone_keeps_its_recorded_rows_and_is_not_trained_again(tmp_path, fake):
+    first = run(tmp_path, "a")
+    shutil.rmtree(os.path.join(tmp_path, "runs"))  # the next session's machine: only the committed record
+    again = run(tmp_path, "a")
+    assert fake == [("a", 7)]
+    assert again == first  # the same numbers, parsed back to the same types
+    assert len(read(tmp_path)) == 2
+
+
+def test_a_run_recorded_only_partly_is_trained(tmp_path, fake):
+    run(tmp_path, "a")
+    rows = read(tmp_path)
+    with open(os.path.join(tmp_path, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow(rows[0])  # only the first evaluation point
+    shutil.rmtree(os.path.join(tmp_path, "runs"))
+    run(tmp_path, "a")
+    assert fake == [("a", 7), ("a", 7)]
+    assert len(read(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("argv, named", [(["--eval-episodes", "512"], "eval_episodes"),
+                                         (["--at", "1", "3"], "at"),
+                                         (["--", "--ent-coef", "0.02"], "trainer_flags")])
+def test_a_folder_refuses_an_experiment_with_other_settings(tmp_path, fake, argv, named):
+    run(tmp_path, "a")
+    with pytest.raises(SystemExit, match=f"other settings \\({named} was"):
+        experiment(tmp_path, *argv)
+    assert len(read(tmp_path)) == 2
