@@ -56,7 +56,7 @@ def main() -> None:
     sps = train_sps(2, 1, flags + ["--num-envs", str(num_envs), "--dist-backend", "gloo"],
                     iterations * 2 * num_envs * 100)
     row(f"training, 2 processes x {num_envs} envs on one {'GPU' if cuda else 'CPU'} (gloo)", f"{sps:,.0f} env-steps/s")
-    print(f"\n| check | result |\n|---|---|\n" + "\n".join(f"| {c} | {v} |" for c, v in rows)
+    print("\n| check | result |\n|---|---|\n" + "\n".join(f"| {c} | {v} |" for c, v in rows)
           + f"\n\n{time.time() - start:.0f} s in all")
     if "failed" in rows[2][1] or "error" in rows[2][1]:
         raise SystemExit(1)

@@ -32,7 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import happo_mapush as H  # noqa: E402
-from value_norm import ValueNorm  # noqa: E402
 
 HARL_PACKAGES = ("harl", "harl.algorithms", "harl.algorithms.actors", "harl.algorithms.critics", "harl.common",
                  "harl.common.buffers", "harl.envs", "harl.models", "harl.models.base", "harl.models.policy_models",
