@@ -171,6 +171,7 @@ class Experiment:
     def fix_settings(self, settings: dict) -> None:
         os.makedirs(self.out, exist_ok=True)
         path = os.path.join(self.out, "experiment.json")
+        defaults = trainer_defaults()
         if os.path.isfile(path):
             with open(path) as f:
                 fixed = json.load(f)
@@ -178,9 +179,15 @@ class Experiment:
             if changed:
                 was = "; ".join(f"{k} was {fixed.get(k)}" for k in changed)
                 raise SystemExit(f"error: {self.out} holds an experiment with other settings ({was}): use a new --out")
+            # an arm is "the default plus one change": a new default would silently change every arm still to run
+            moved = [k for k in defaults if fixed.get("trainer_defaults", {}).get(k) != defaults[k]]
+            if moved:
+                was = "; ".join(f"{k} was {fixed.get('trainer_defaults', {}).get(k)}" for k in moved)
+                raise SystemExit(f"error: the trainer's defaults changed since {self.out} began ({was}): continue it "
+                                 f"at its commit: git worktree add --detach DIR {fixed.get('commit', '?')}")
         else:
             with open(path, "w") as f:
-                json.dump(settings, f, indent=1)
+                json.dump(dict(settings, trainer_defaults=defaults, commit=commit()), f, indent=1)
 
     def recorded(self, name: str, seed: int) -> List[dict]:
         """The rows `<name>.csv` holds for the run (exp_name `name`, `seed`), numbers parsed."""
@@ -253,6 +260,28 @@ class Experiment:
                 f.write(text)
         print(text)
         print(f"wrote {path} and {self.name}.md")
+
+
+def trainer_defaults() -> dict:
+    """The defaults of happo_mapush.Args that decide what a run computes (not names, logging, paths or the budget,
+    which the experiment sets itself)."""
+    import dataclasses
+
+    import happo_mapush as H
+
+    ignored = {"exp_name", "seed", "cuda", "track", "wandb_project_name", "log_interval", "save_interval", "resume",
+               "eval_checkpoint", "eval_episodes", "total_timesteps"}
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(H.Args()))).items() if k not in ignored}
+
+
+def commit() -> str:
+    """The checkout's commit (with "+changes" when the trainer differs from it), or "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "happo_mapush.py"], cwd=ROOT).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def parse(value: str):

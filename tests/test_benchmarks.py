@@ -103,3 +103,15 @@ def test_a_folder_refuses_an_experiment_with_other_settings(tmp_path, fake, argv
     with pytest.raises(SystemExit, match=f"other settings \\({named} was"):
         experiment(tmp_path, *argv)
     assert len(read(tmp_path)) == 2
+
+
+def test_a_folder_refuses_to_continue_after_the_trainers_default_changed(tmp_path, fake, monkeypatch):
+    # each arm is "the default plus one change": continuing a sweep under a new default would change every arm
+    # still to run without a word
+    run(tmp_path, "a")
+    defaults = common.trainer_defaults()
+    assert "critic_input" in defaults and "seed" not in defaults
+    monkeypatch.setattr(common, "trainer_defaults", lambda: dict(defaults, critic_input="another"))
+    with pytest.raises(SystemExit, match=f"defaults changed .* \\(critic_input was {defaults['critic_input']}\\): "
+                                         "continue it at"):
+        experiment(tmp_path)
