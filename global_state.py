@@ -5,8 +5,9 @@
 Positions are env-relative (m), yaws in [0, 2*pi), velocities in the agent's body frame scaled like MQE's observations.
 The target has no yaw (it never rotates). Every agent's critic sees this same state ("EP" state).
 
-`global-state-full`, a candidate (issue 21): the object's velocity and yaw rate too (the push reward depends on its
-speed, and it slides on after contact), and every yaw as (cos, sin), continuous where the raw angle jumps at 0 = 2*pi:
+`global-state-full`, the trainer's default since issue 21 (measured in docs/results.md): the object's velocity and
+yaw rate too (the push reward depends on its speed, and it slides on after contact), and every yaw as (cos, sin),
+continuous where the raw angle jumps at 0 = 2*pi:
     [box_x, box_y, cos, sin, box_vx*2.0, box_vy*2.0, box_yaw_rate*0.25, target_x, target_y]
     + A x [x, y, cos, sin, vx*2.0, vy*2.0, yaw_rate*0.25]
 The object's velocity is in the env frame (its axes are the world's). The Isaac Gym adapter builds its Scene from
@@ -54,6 +55,9 @@ def build_global_state(scene: Scene, layout: str = "global-state") -> Tuple[torc
     )  # [E, A, 6] or [E, A, 7]
     box = [scene.box_xy, angle(scene.box_yaw)]
     if full:
+        if scene.box_lin_vel is None or scene.box_ang_vel is None:
+            raise ValueError("--critic-input global-state-full needs the object's velocity: the env's Scene has no "
+                             "box_lin_vel / box_ang_vel (use --critic-input global-state)")
         box += [scene.box_lin_vel * LIN_VEL_SCALE, scene.box_ang_vel.unsqueeze(-1) * ANG_VEL_SCALE]
     state = torch.cat(box + [scene.target_xy, per_agent.reshape(num_envs, -1)], dim=-1)
     return sanitize(state)

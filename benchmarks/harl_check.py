@@ -117,7 +117,8 @@ def main() -> int:
     harl = import_harl(os.path.abspath(cli.harl_dir))
     T, E, A, obs_dim, act_dim = cli.num_steps, cli.num_envs, cli.num_agents, 2 + 3 * cli.num_agents, 3
     state_dim = 5 + 6 * A
-    args = H.check_args(H.Args(num_envs=E, num_steps=T, total_timesteps=E * T * 5,
+    # HARL's MAPush critic sees the documented 17-dim state (5 + 6A); the input layout does not change the update
+    args = H.check_args(H.Args(num_envs=E, num_steps=T, total_timesteps=E * T * 5, critic_input="global-state",
                                value_norm_update=cli.value_norm_update))
     actor_cfg = harl_config(args, T, E, args.hidden_sizes)
     critic_cfg = harl_config(args, T, E, args.critic_hidden_sizes)

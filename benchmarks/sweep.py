@@ -33,8 +33,11 @@ ARMS = {
     "ent_coef_0.02": ["--ent-coef", "0.02"],
     "value_norm_per_minibatch": ["--value-norm-update", "per-minibatch"],
     "critic_lr_1e-4": ["--critic-lr", "1e-4"],
-    # issue 21's candidates: the object's velocities and continuous yaws for the critic, cos/sin yaws for the actors
+    # issue 21's candidates: the object's velocities and continuous yaws for the critic, cos/sin yaws for the actors.
+    # They ran at f6f455a, whose default critic input was `global-state` (the field notes' 17 dims); `critic_full`
+    # won there and is the default since, so `critic_17` is the old default now.
     "critic_full": ["--critic-input", "global-state-full"],
+    "critic_17": ["--critic-input", "global-state"],
     "actor_cos_sin": ["--actor-input", "obs-cos-sin"],
     "critic_full_actor_cos_sin": ["--critic-input", "global-state-full", "--actor-input", "obs-cos-sin"],
     "anneal_lr": ["--anneal-lr"],

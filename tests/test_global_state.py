@@ -160,3 +160,9 @@ def test_mqe_velocities_are_body_frame_with_obs_scales():
     state, _ = build_global_state(scene)  # the state carries MQE's observation scales
     torch.testing.assert_close(state[0, 8:11], torch.tensor([0.6, -0.2, 0.1]), atol=1e-6, rtol=0)
     assert scene.box_yaw.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_full_layout_without_the_objects_velocity_is_a_clear_error():
+    # an env whose Scene leaves the object's velocity out must not get a NoneType traceback from deep in the trainer
+    with pytest.raises(ValueError, match="needs the object's velocity.*--critic-input global-state"):
+        build_global_state(hand_scene()._replace(box_lin_vel=None, box_ang_vel=None), "global-state-full")

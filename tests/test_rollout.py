@@ -28,7 +28,8 @@ def scene_of(tags: torch.Tensor) -> Scene:
                  target_xy=torch.cat([1.0 + 0.05 * t, 2.0 - 0.01 * t], -1),
                  agent_xy=torch.stack([0.07 * t * agents, -0.03 * t * agents], -1),
                  agent_yaw=torch.remainder(0.2 * t * agents, 2 * math.pi),
-                 agent_lin_vel=torch.stack([0.01 * t * agents, 0.02 * t + agents], -1), agent_ang_vel=0.05 * t * agents)
+                 agent_lin_vel=torch.stack([0.01 * t * agents, 0.02 * t + agents], -1), agent_ang_vel=0.05 * t * agents,
+                 box_lin_vel=torch.cat([0.03 * t, -0.04 * t], -1), box_ang_vel=0.06 * tags)
 
 
 class ScriptedEnv:
@@ -60,6 +61,9 @@ class ScriptedEnv:
                 "reward_terms": {"push": reward.sum(1)}, "nonfinite_obs": torch.zeros(E, dtype=torch.long),
                 "env_steps": torch.full((E,), HOLD, dtype=torch.long)}
         return self.observe(self.tags), reward, done, info
+
+
+LAYOUT = H.Args().critic_input  # the trainer's default global-state layout
 
 
 def args_for(**overrides):
@@ -107,8 +111,8 @@ def test_only_a_plain_time_out_is_truncated():
 def test_a_time_out_bootstraps_from_the_state_before_the_reset():
     m, buf, _, _ = run_rollout()
     with torch.no_grad():
-        before = m.critic(build_global_state(scene_of(torch.tensor([2.0, 3.0, 4.0])))[0])  # env 0 after 2 steps
-        after = m.critic(build_global_state(scene_of(torch.tensor([1002.0, 3.0, 4.0])))[0])  # its new episode
+        before = m.critic(build_global_state(scene_of(torch.tensor([2.0, 3.0, 4.0])), LAYOUT)[0])  # env 0, 2 steps
+        after = m.critic(build_global_state(scene_of(torch.tensor([1002.0, 3.0, 4.0])), LAYOUT)[0])  # new episode
     assert buf.final_values[1, 0].item() == before[0].item() and abs(before[0] - after[0]) > 1e-3
     mask = torch.ones(T, E, dtype=torch.bool)
     mask[1, 0] = False
@@ -119,10 +123,10 @@ def test_the_critic_sees_the_post_reset_state_of_the_next_decision():
     _, buf, carry, _ = run_rollout()
     tags = torch.arange(E, dtype=torch.float32)
     for k in range(T):
-        assert torch.equal(buf.critic_inputs[k], build_global_state(scene_of(tags))[0])
+        assert torch.equal(buf.critic_inputs[k], build_global_state(scene_of(tags), LAYOUT)[0])
         done = torch.tensor([(k, e) in ENDS for e in range(E)])
         tags = torch.where(done, tags + 1001, tags + 1)
-    assert torch.equal(carry.critic_input, build_global_state(scene_of(tags))[0])
+    assert torch.equal(carry.critic_input, build_global_state(scene_of(tags), LAYOUT)[0])
 
 
 def test_episode_sums_and_counts():
