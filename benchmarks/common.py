@@ -180,7 +180,9 @@ class Experiment:
                 was = "; ".join(f"{k} was {fixed.get(k)}" for k in changed)
                 raise SystemExit(f"error: {self.out} holds an experiment with other settings ({was}): use a new --out")
             # an arm is "the default plus one change": a new default would silently change every arm still to run
-            moved = [k for k in defaults if fixed.get("trainer_defaults", {}).get(k) != defaults[k]]
+            # (the tables of a finished experiment, --skip-training, train nothing and stay readable)
+            moved = [k for k in defaults if fixed.get("trainer_defaults", {}).get(k) != defaults[k]
+                     and not self.args.skip_training]
             if moved:
                 was = "; ".join(f"{k} was {fixed.get('trainer_defaults', {}).get(k)}" for k in moved)
                 raise SystemExit(f"error: the trainer's defaults changed since {self.out} began ({was}): continue it "
