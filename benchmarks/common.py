@@ -162,11 +162,11 @@ class Experiment:
             raise SystemExit(f"error: --skip-training reads an earlier experiment, and {args.out} does not exist")
         self.args, self.name, self.out = args, name, args.out or fresh_folder(name)
         self.iterations = [int(m * 1e6 // steps_per_iteration) for m in args.at]  # checkpoints at or below --at
-        self.common = [f for f in args.trainer_flags if f != "--"] + [
-            "--total-timesteps", str(max(self.iterations) * steps_per_iteration),
-            "--save-interval", str(functools.reduce(math.gcd, self.iterations))]
+        flags = [f for f in args.trainer_flags if f != "--"]
+        self.common = flags + ["--total-timesteps", str(max(self.iterations) * steps_per_iteration),
+                               "--save-interval", str(functools.reduce(math.gcd, self.iterations))]
         self.fix_settings(dict(at=list(args.at), eval_episodes=args.eval_episodes, eval_seeds=list(args.eval_seeds),
-                               trainer_flags=[f for f in args.trainer_flags if f != "--"]))
+                               trainer_flags=flags))
 
     def fix_settings(self, settings: dict) -> None:
         os.makedirs(self.out, exist_ok=True)
@@ -181,10 +181,10 @@ class Experiment:
                 raise SystemExit(f"error: {self.out} holds an experiment with other settings ({was}): use a new --out")
             # an arm is "the default plus one change": a new default would silently change every arm still to run
             # (the tables of a finished experiment, --skip-training, train nothing and stay readable)
-            moved = [k for k in defaults if fixed.get("trainer_defaults", {}).get(k) != defaults[k]
-                     and not self.args.skip_training]
+            before = fixed.get("trainer_defaults", {})
+            moved = [] if self.args.skip_training else [k for k in defaults if before.get(k) != defaults[k]]
             if moved:
-                was = "; ".join(f"{k} was {fixed.get('trainer_defaults', {}).get(k)}" for k in moved)
+                was = "; ".join(f"{k} was {before.get(k)}" for k in moved)
                 raise SystemExit(f"error: the trainer's defaults changed since {self.out} began ({was}): continue it "
                                  f"at its commit: git worktree add --detach DIR {fixed.get('commit', '?')}")
         else:
@@ -205,13 +205,14 @@ class Experiment:
     def train(self, runs: Sequence[Tuple[str, int, List[str]]]) -> None:
         if not self.args.skip_training:
             jobs = [(self.out, name, seed, self.common + flags) for name, seed, flags in runs
-                    if max(self.iterations) not in self.saved(name, seed) and not self.finished_elsewhere(name, seed)]
+                    if max(self.iterations) not in self.reached(name, seed)]
             run_all(jobs, self.args.parallel, self.args.threads)
 
-    def finished_elsewhere(self, name: str, seed: int) -> bool:
-        """The run has no checkpoint here, but the record holds its last evaluation point."""
-        return not self.saved(name, seed) and max(self.iterations) in {
-            r["iteration"] for r in self.recorded(name, seed)}
+    def reached(self, name: str, seed: int) -> set:
+        """The iterations the run has reached: its checkpoints here, else (checkpoints on another machine) the
+        evaluation points its recorded rows hold."""
+        saved = self.saved(name, seed)
+        return set(saved) if saved else {r["iteration"] for r in self.recorded(name, seed)}
 
     def saved(self, name: str, seed: int) -> Dict[int, str]:
         try:
@@ -228,7 +229,7 @@ class Experiment:
             if kept:
                 print(f"{name} seed {seed}: no checkpoints here, its {len(kept)} recorded rows kept", flush=True)
             return kept
-        wall = training_seconds(run_dir(self.out, name, seed)) if saved else math.nan
+        wall = training_seconds(run_dir(self.out, name, seed))
         for iteration in (i for i in self.iterations if i in saved):
             evals = [evaluate_checkpoint(saved[iteration], self.args.eval_episodes, s) for s in self.args.eval_seeds]
             rows.append(dict(**labels, run=name, seed=seed, iteration=iteration, env_steps=evals[0][2],

@@ -8,7 +8,7 @@ import torch
 import happo_mapush as H
 import mapush_env as M
 from mapush_env import make_env
-from global_state import build_global_state
+from global_state import build_global_state, global_state_dim
 from value_norm import ValueNorm
 
 
@@ -373,3 +373,19 @@ def test_shared_happo_later_factors_start_from_the_shared_actor_at_the_turns_sta
     end2 = full_batch[3].log_prob(actions[:, second]).sum(-1).detach()
     assert (start2 - logprobs[:, second]).abs().max() > 1e-3  # the first turn moved the shared actor
     torch.testing.assert_close(factors[third], factors[second] * (end2 - start2).exp(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_critic_sees_the_objects_velocity():
+    # issue 21's default: the global state carries the object's velocity and yaw rate (global-state-full); setting
+    # the default back to the 17-dim state fails here
+    args, env = make_args(), make_env("vmas", num_envs=4, seed=0)
+    obs = env.reset()
+    models = H.build_models(args, env, torch.device("cpu"))
+    assert models.critic_input_dim == global_state_dim(2, "global-state-full") == 23
+    scene = env.scene()
+    moving = scene._replace(box_lin_vel=scene.box_lin_vel + 0.5, box_ang_vel=scene.box_ang_vel + 1.0)
+    still = H.build_critic_input(args, obs, lambda: scene)[0]
+    pushed = H.build_critic_input(args, obs, lambda: moving)[0]
+    # box velocity (entries 4, 5) scaled by 2.0, yaw rate (6) by 0.25
+    assert torch.allclose(pushed[:, 4:7] - still[:, 4:7], torch.tensor([[1.0, 1.0, 0.25]]).expand(4, 3), atol=1e-6)
+    assert torch.equal(pushed[:, :4], still[:, :4]) and torch.equal(pushed[:, 7:], still[:, 7:])
