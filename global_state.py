@@ -12,6 +12,9 @@ continuous where the raw angle jumps at 0 = 2*pi:
     + A x [x, y, cos, sin, vx*2.0, vy*2.0, yaw_rate*0.25]
 The object's velocity is in the env frame (its axes are the world's). The Isaac Gym adapter builds its Scene from
 MQE's buffers (`mapush_isaacgym.scene_from_mqe`).
+
+`global-state-vel`, an ablation of the full state's two halves: the 17-dim state plus the object's velocity, yaws raw:
+    [box_x, box_y, box_yaw, box_vx*2.0, box_vy*2.0, box_yaw_rate*0.25, target_x, target_y] + A x [6 as above]
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from mapush_env import Scene
 
 LIN_VEL_SCALE = 2.0  # MQE's normalization.obs_scales.lin_vel, applied to the global state as MQE applies it to obs
 ANG_VEL_SCALE = 0.25  # MQE's normalization.obs_scales.ang_vel
-LAYOUTS = ("global-state", "global-state-full")
+LAYOUTS = ("global-state", "global-state-vel", "global-state-full")
 
 
 def global_state_dim(num_agents: int, layout: str = "global-state") -> int:
-    return 3 + 2 + 6 * num_agents if layout == "global-state" else 9 + 7 * num_agents
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown global-state layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return {"global-state": 5 + 6 * num_agents, "global-state-vel": 8 + 6 * num_agents}.get(layout, 9 + 7 * num_agents)
 
 
 def sanitize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +44,8 @@ def sanitize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def build_global_state(scene: Scene, layout: str = "global-state") -> Tuple[torch.Tensor, torch.Tensor]:
     """Scene -> (global state [E, global_state_dim(A, layout)], number of non-finite entries zeroed)."""
     num_envs, num_agents = scene.agent_yaw.shape
-    full = layout == "global-state-full"
+    global_state_dim(num_agents, layout)  # an unknown layout is an error, never a silent 17-dim state
+    full = layout == "global-state-full"  # yaws as (cos, sin)
 
     def angle(yaw):  # [..., 1] raw, or [..., 2] as (cos, sin)
         return torch.stack([torch.cos(yaw), torch.sin(yaw)], dim=-1) if full else yaw.unsqueeze(-1)
@@ -54,9 +60,9 @@ def build_global_state(scene: Scene, layout: str = "global-state") -> Tuple[torc
         dim=-1,
     )  # [E, A, 6] or [E, A, 7]
     box = [scene.box_xy, angle(scene.box_yaw)]
-    if full:
+    if layout != "global-state":  # the object's velocity
         if scene.box_lin_vel is None or scene.box_ang_vel is None:
-            raise ValueError("--critic-input global-state-full needs the object's velocity: the env's Scene has no "
+            raise ValueError(f"--critic-input {layout} needs the object's velocity: the env's Scene has no "
                              "box_lin_vel / box_ang_vel (use --critic-input global-state)")
         box += [scene.box_lin_vel * LIN_VEL_SCALE, scene.box_ang_vel.unsqueeze(-1) * ANG_VEL_SCALE]
     state = torch.cat(box + [scene.target_xy, per_agent.reshape(num_envs, -1)], dim=-1)

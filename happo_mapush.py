@@ -96,8 +96,8 @@ class Args:
     """how the critic's reward is formed from the per-agent rewards: `sum` (MAPush fork) or `mean`"""
     actor_input: Literal["obs", "obs-cos-sin"] = "obs"
     """the actors' input: MQE's observation, or with every relative yaw as its cos and sin (a trainer-side transform)"""
-    critic_input: Literal["global-state", "global-state-full", "agent0-obs"] = "global-state-full"
-    """critic input: global-state-full (the fix + object velocity, cos/sin yaws), global-state (the fix), agent0-obs"""
+    critic_input: Literal["global-state", "global-state-vel", "global-state-full", "agent0-obs"] = "global-state-full"
+    """global-state-full (the fix + object velocity, cos/sin yaws), global-state (the fix), -vel (+ velocity only)"""
     value_norm_update: Literal["once", "per-minibatch"] = "once"
     """when ValueNorm is updated: `once` per iteration on all returns (the fix) or `per-minibatch` (HARL upstream)"""
     sequential: bool = True

@@ -38,6 +38,7 @@ ARMS = {
     # won there and is the default since, so `critic_17` is the old default now.
     "critic_full": ["--critic-input", "global-state-full"],
     "critic_17": ["--critic-input", "global-state"],
+    "critic_vel": ["--critic-input", "global-state-vel"],
     "actor_cos_sin": ["--actor-input", "obs-cos-sin"],
     "critic_full_actor_cos_sin": ["--critic-input", "global-state-full", "--actor-input", "obs-cos-sin"],
     "anneal_lr": ["--anneal-lr"],

@@ -184,7 +184,8 @@ def test_clipped_huber_value_loss_by_hand():
     assert loss_unclipped == pytest.approx(huber(y - v).mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("global-state-full", 23), ("agent0-obs", 8)])
+@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("global-state-vel", 20),
+                                                       ("global-state-full", 23), ("agent0-obs", 8)])
 def test_critic_input_width(critic_input, width):
     args = make_args(critic_input=critic_input)
     env = make_env("vmas", num_envs=4, seed=0)
