@@ -52,10 +52,11 @@ def newest_checkpoint(run_root: str, exp_name: str, seed: int) -> str:
 def training_seconds(directory: str) -> float:
     """The wall-clock a run spent training, from its TensorBoard event times: each launch (one event file each, so a
     resumed run counts only its own launches, not the pauses between them) from its first logged iteration to its
-    last, plus one median iteration for the first iteration of each launch."""
+    last, plus one median iteration for the first iteration of each launch. A run with no two logged iterations in
+    one launch has no such median: its first iteration counts from the event file's creation (so setup is in it)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    total, gaps = 0.0, []
+    total, gaps, firsts = 0.0, [], []
     for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
         acc = EventAccumulator(path, size_guidance={"scalars": 0})
         acc.Reload()
@@ -64,7 +65,10 @@ def training_seconds(directory: str) -> float:
         if times:
             total += times[-1] - times[0]
             gaps += [b - a for a, b in zip(times, times[1:])]
-    median = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+            firsts.append(times[0] - acc.FirstEventTimestamp())
+    if not gaps:
+        return total + sum(firsts)
+    median = sorted(gaps)[len(gaps) // 2]
     launches = len(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
     return total + median * launches
 

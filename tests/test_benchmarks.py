@@ -116,3 +116,21 @@ def test_a_folder_refuses_to_continue_after_the_trainers_default_changed(tmp_pat
                                          "continue it at"):
         experiment(tmp_path)
     assert experiment(tmp_path, "--skip-training").record()[0]["run"] == "a"  # its tables stay readable
+
+
+def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
+    # compare.py's training column read 0.00 s per iteration for one-iteration runs (no interval between two events)
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))  # its first event carries the creation time
+    created = time.time()
+    writer.add_scalar("losses/value_loss", 0.5, 1, walltime=created + 3.0)
+    writer.close()
+    assert common.training_seconds(str(tmp_path)) == pytest.approx(3.0, abs=0.5)
+    writer = SummaryWriter(str(tmp_path / "many"))
+    for i, t in enumerate([10.0, 12.0, 14.0, 17.0]):  # gaps 2, 2, 3: 7 s logged + one median iteration (2 s)
+        writer.add_scalar("losses/value_loss", 0.5, i, walltime=created + t)
+    writer.close()
+    assert common.training_seconds(str(tmp_path / "many")) == pytest.approx(9.0, abs=1e-3)
