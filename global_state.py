@@ -32,7 +32,8 @@ LAYOUTS = ("global-state", "global-state-vel", "global-state-full")
 def global_state_dim(num_agents: int, layout: str = "global-state") -> int:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown global-state layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return {"global-state": 5 + 6 * num_agents, "global-state-vel": 8 + 6 * num_agents}.get(layout, 9 + 7 * num_agents)
+    return {"global-state": 5 + 6 * num_agents, "global-state-vel": 8 + 6 * num_agents,
+            "global-state-full": 9 + 7 * num_agents}[layout]
 
 
 def sanitize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
