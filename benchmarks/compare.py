@@ -3,6 +3,7 @@
 Arms (flags appended to every run's, so they win):
 - `happo`: the default (a separate actor per agent, sequential updates weighted by the factor);
 - `happo_simultaneous`: `--no-sequential` (separate actors, all updated against factor 1);
+- `happo_shared`: `--share-actor` (one actor, HARL's share_param, still updated agent by agent with the factor);
 - `mappo`: `--share-actor --no-sequential` (one actor for all agents, one PPO update on all agents' samples, as
   MAPush's OpenRL PPO, which adds no agent id to the observation either).
 Every (seed, task, arm) run trains side by side with the others, `--parallel` at a time with one torch thread each,
@@ -29,7 +30,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Experiment, add_experiment_arguments  # noqa: E402
 
-ARMS = {"happo": [], "happo_simultaneous": ["--no-sequential"], "mappo": ["--share-actor", "--no-sequential"]}
+ARMS = {"happo": [], "happo_simultaneous": ["--no-sequential"], "happo_shared": ["--share-actor"],
+        "mappo": ["--share-actor", "--no-sequential"]}
 ENV_STEPS_PER_ITERATION = 512 * 20 * 5  # the default's num_envs x num_steps x action_repeat
 
 
