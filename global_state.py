@@ -5,16 +5,13 @@
 Positions are env-relative (m), yaws in [0, 2*pi), velocities in the agent's body frame scaled like MQE's observations.
 The target has no yaw (it never rotates). Every agent's critic sees this same state ("EP" state).
 
-`global-state-full`, the trainer's default since issue 21 (measured in docs/results.md): the object's velocity and
-yaw rate too (the push reward depends on its speed, and it slides on after contact), and every yaw as (cos, sin),
-continuous where the raw angle jumps at 0 = 2*pi:
+`global-state-full`, the trainer's default (docs/results.md has the measurement): the object's velocity and yaw rate
+too (the push reward depends on its speed, and it slides on after contact), and every yaw as (cos, sin), continuous
+where the raw angle jumps at 0 = 2*pi:
     [box_x, box_y, cos, sin, box_vx*2.0, box_vy*2.0, box_yaw_rate*0.25, target_x, target_y]
     + A x [x, y, cos, sin, vx*2.0, vy*2.0, yaw_rate*0.25]
 The object's velocity is in the env frame (its axes are the world's). The Isaac Gym adapter builds its Scene from
 MQE's buffers (`mapush_isaacgym.scene_from_mqe`).
-
-`global-state-vel`, an ablation of the full state's two halves: the 17-dim state plus the object's velocity, yaws raw:
-    [box_x, box_y, box_yaw, box_vx*2.0, box_vy*2.0, box_yaw_rate*0.25, target_x, target_y] + A x [6 as above]
 """
 from __future__ import annotations
 
@@ -22,18 +19,17 @@ from typing import Tuple
 
 import torch
 
-from mapush_env import Scene
+from mapush_task import Scene
 
 LIN_VEL_SCALE = 2.0  # MQE's normalization.obs_scales.lin_vel, applied to the global state as MQE applies it to obs
 ANG_VEL_SCALE = 0.25  # MQE's normalization.obs_scales.ang_vel
-LAYOUTS = ("global-state", "global-state-vel", "global-state-full")
+LAYOUTS = ("global-state", "global-state-full")
 
 
 def global_state_dim(num_agents: int, layout: str = "global-state") -> int:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown global-state layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return {"global-state": 5 + 6 * num_agents, "global-state-vel": 8 + 6 * num_agents,
-            "global-state-full": 9 + 7 * num_agents}[layout]
+    return {"global-state": 5 + 6 * num_agents, "global-state-full": 9 + 7 * num_agents}[layout]
 
 
 def sanitize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,27 +57,11 @@ def build_global_state(scene: Scene, layout: str = "global-state") -> Tuple[torc
         dim=-1,
     )  # [E, A, 6] or [E, A, 7]
     box = [scene.box_xy, angle(scene.box_yaw)]
-    if layout != "global-state":  # the object's velocity
+    if full:  # the object's velocity
         if scene.box_lin_vel is None or scene.box_ang_vel is None:
             raise ValueError(f"--critic-input {layout} needs the object's velocity: the env's Scene has no "
                              "box_lin_vel / box_ang_vel (use --critic-input global-state)")
         box += [scene.box_lin_vel * LIN_VEL_SCALE, scene.box_ang_vel.unsqueeze(-1) * ANG_VEL_SCALE]
     state = torch.cat(box + [scene.target_xy, per_agent.reshape(num_envs, -1)], dim=-1)
     return sanitize(state)
-
-
-class CosSinYaws(torch.nn.Module):
-    """An actor's input transform (issue 21's candidate, `--actor-input obs-cos-sin`): MQE's observation [..., 2 + 3A]
-    keeps its positions, and each relative yaw (entries 4, 7, ...: the object's and the other agents') becomes
-    (cos, sin), continuous where the raw angle jumps at 0 = 2*pi: [..., 2 + 4A]. The env's observations stay MQE's."""
-
-    def __init__(self, obs_dim: int):
-        super().__init__()
-        yaws = list(range(4, obs_dim, 3))
-        self.yaws, self.others = yaws, [i for i in range(obs_dim) if i not in yaws]
-        self.out_dim = obs_dim + len(yaws)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        yaw = obs[..., self.yaws]
-        return torch.cat([obs[..., self.others], torch.cos(yaw), torch.sin(yaw)], dim=-1)
 

@@ -1,12 +1,15 @@
-"""The run lifecycle around the trainer: run folders, atomic checkpoints, resume checks, stop signals, bad input.
+"""Everything around the training loop that is not RL: run folders, atomic checkpoints, resume checks, stop signals,
+bad input, the progress line and torchrun's process group. `happo_mapush.py` meets it through one class, `Run`.
 
-Nothing here is HAPPO; it is what makes a run safe to interrupt, resume and branch (README, "Runs and resume"):
 - every run writes into its own new folder `runs/<name>__<seed>__<time stamp>.<microseconds>-<pid>`;
 - a checkpoint appears complete under its name or not at all (temporary file, fsync, `os.replace`), and an
   existing checkpoint is never overwritten;
 - resuming from a run's newest checkpoint continues that run; from any other one it starts a new folder that names
   its parent (`parent.txt`);
-- SIGINT/SIGTERM only set a flag that the trainer polls at safe points; a second SIGINT exits at once.
+- SIGINT/SIGTERM only set a flag that the run reads at the end of each iteration; a second SIGINT exits at once;
+- under torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment) each rank seeds its envs and sampling with seed +
+  rank, `Run.wrap` puts the networks in DistributedDataParallel (gradients averaged during backward), the logged
+  scalars are reduced over ranks here, and rank 0 alone writes. In one process none of this does anything.
 """
 from __future__ import annotations
 
@@ -21,18 +24,91 @@ import socket
 import threading
 import time
 import typing
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 # Experiments removed after they showed no measurable effect (docs/results.md has their results and the commit that
 # still has them): a checkpoint that used one cannot be rebuilt by this code and is refused.
-RETIRED = {"tanh_mean": False, "input_norm": "layernorm", "std_max": 0.5, "obs_stack": 1}
-RETIRED_AT = "0aee1c9"  # the last commit that has them
+RETIRED = {"tanh_mean": (False, "0aee1c9"), "input_norm": ("layernorm", "0aee1c9"), "std_max": (0.5, "0aee1c9"),
+           "obs_stack": (1, "0aee1c9"), "actor_input": ("obs", "51e6216")}
+RETIRED_CHOICES = {"critic_input": ("global-state-vel", "51e6216")}
 # Flags added since: the value a checkpoint without them ran with.
-ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False, "actor_input": "obs"}
+ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}
 CHECKPOINT_KEYS = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration",
                    "global_step", "args", "run_name"}
+
+
+# -- torchrun: one process per GPU or core group; every helper is a no-op in one process ---------------------------
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def init_distributed(cuda: bool, backend: str = "auto") -> torch.device:
+    """Join torchrun's process group when launched by it (nccl on CUDA, gloo on CPU unless `backend` says);
+    returns this process's device: cuda:LOCAL_RANK on CUDA."""
+    cuda = cuda and torch.cuda.is_available()  # more processes than GPUs share them round-robin (gloo only)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(torch.cuda.device_count(), 1)}"
+                          if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend if backend != "auto" else ("nccl" if cuda else "gloo"))
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group. Gloo's worker threads free their last work objects, which takes the GIL, while
+    ProcessGroupGloo's destructor holds the GIL and waits for them (a deadlock seen with torch 2.4.1 about once in
+    ten runs): a short sleep, which releases the GIL, lets them finish first."""
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int) -> int:
+    """The seed of this rank's envs and action sampling: ranks explore differently (seed + global RANK)."""
+    return seed + rank()
+
+
+def order_generator(seed: int, world: int) -> torch.Generator:
+    """Where HAPPO draws its agent order. Every rank must update the same agent at the same time (DDP reduces one
+    network's gradients at a time), so under torchrun it is a generator seeded alike on every rank; in one process it
+    is torch's global generator, so that a run computes exactly what the single-process trainer always did."""
+    return torch.default_generator if world == 1 else torch.Generator().manual_seed(seed)
+
+
+def all_reduce(x: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """The sum (or with op="MAX" the maximum) over ranks of a tensor every rank holds."""
+    if world_size() == 1:
+        return x
+    x = x.cuda() if dist.get_backend() == "nccl" else x.clone()  # nccl moves CUDA tensors only
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
+    return x
+
+
+def broadcast(obj):
+    """Rank 0's `obj` (any picklable object) on every rank."""
+    box = [obj]
+    if world_size() > 1:
+        dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class UsageError(ValueError):
@@ -117,10 +193,12 @@ def load_checkpoint(path: str, device) -> dict:
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
         raise UsageError(f"corrupt checkpoint {path}: not a happo_mapush checkpoint")
     checkpoint["args"] = {**ADDED, **checkpoint["args"]}  # an older checkpoint ran with what these flags now default to
-    for name, value in RETIRED.items():
-        if checkpoint["args"].get(name, value) != value:
-            raise UsageError(f"{path} uses {flag(name, checkpoint['args'][name])}, an experiment removed after commit "
-                             f"{RETIRED_AT} (docs/results.md); evaluate it with that commit")
+    used = checkpoint["args"]
+    retired = [(name, commit) for name, (value, commit) in RETIRED.items() if used.get(name, value) != value]
+    retired += [(name, commit) for name, (value, commit) in RETIRED_CHOICES.items() if used.get(name) == value]
+    for name, commit in retired:
+        raise UsageError(f"{path} uses {flag(name, used[name])}, an experiment removed after commit {commit} "
+                         f"(docs/results.md); evaluate it with that commit")
     return checkpoint
 
 
@@ -274,77 +352,63 @@ def resume_problem(path: str, current: dict, world: int, num_iterations: int):
     return checkpoint
 
 
-def snapshot(models, iteration: int, global_step: int, flags: dict, env, ep_return: torch.Tensor,
-             ep_length: torch.Tensor) -> dict:
+def snapshot(run: "Run", iteration: int) -> dict:
     """Everything needed to continue a run exactly, cloned so that later updates leave it alone. "local" is this
     rank's own part (RNG, envs, each env's episode so far); the rest is the same on every rank."""
+    m, episodes = run.models, run.episodes
     return copy.deepcopy({
-        "actors": [a.state_dict() for a in models.actors], "critic": models.critic.state_dict(),
-        "actor_optimizers": [o.state_dict() for o in models.actor_optimizers],
-        "critic_optimizer": models.critic_optimizer.state_dict(), "value_norm": models.value_norm.state_dict(),
-        "iteration": iteration, "global_step": global_step, "args": flags,
+        "actors": [a.state_dict() for a in m.actors], "critic": m.critic.state_dict(),
+        "actor_optimizers": [o.state_dict() for o in m.actor_optimizers],
+        "critic_optimizer": m.critic_optimizer.state_dict(), "value_norm": m.value_norm.state_dict(),
+        "iteration": iteration, "global_step": run.global_step_at(iteration), "args": run.flags,
+        "order_rng": run.order_rng.get_state() if run.world > 1 else None,
         "local": {"rng": {"torch": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state() if ep_return.is_cuda else None},
-                  "env": env.state_dict() if hasattr(env, "state_dict") else None,
-                  "episode": {"return": ep_return, "length": ep_length}}})
+                          "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None},
+                  "env": run.env.state_dict() if hasattr(run.env, "state_dict") else None,
+                  "episode": {"return": episodes.ep_return, "length": episodes.ep_length}}})
 
 
-def restore(models, checkpoint: dict, rank: int, env) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Load a snapshot's state into the models, this rank's RNG and (where the env can) its envs. Returns the
-    restored (observation, episode returns, episode lengths), or None where the env cannot be restored (MQE)."""
-    for module, state in zip(models.actors + models.actor_optimizers,
-                             checkpoint["actors"] + checkpoint["actor_optimizers"]):
+def restore(run: "Run", checkpoint: dict) -> None:
+    """Load a snapshot into the run's models, this rank's RNG and (where the env can) its envs and episodes; MQE
+    cannot restore its simulator and restarts its episodes."""
+    m = run.models
+    for module, state in zip(m.actors + m.actor_optimizers, checkpoint["actors"] + checkpoint["actor_optimizers"]):
         module.load_state_dict(state)
-    models.critic.load_state_dict(checkpoint["critic"])
-    models.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-    models.value_norm.load_state_dict(checkpoint["value_norm"])
-    own = checkpoint["ranks"][rank]
+    m.critic.load_state_dict(checkpoint["critic"])
+    m.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+    m.value_norm.load_state_dict(checkpoint["value_norm"])
+    if checkpoint.get("order_rng") is not None:
+        run.order_rng.set_state(checkpoint["order_rng"].cpu())
+    own = checkpoint["ranks"][run.rank]
     torch.set_rng_state(own["rng"]["torch"].cpu())
-    device = models.value_norm.running_mean.device
-    if own["rng"]["cuda"] is not None and device.type == "cuda":
+    if own["rng"]["cuda"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
-    if own["env"] is None or not hasattr(env, "load_state_dict"):  # MQE: the simulator restarts its episodes
-        return None
+    if own["env"] is None or not hasattr(run.env, "load_state_dict"):
+        return
     try:
-        obs = env.load_state_dict(own["env"])
+        obs = run.env.load_state_dict(own["env"])
     except ValueError as err:  # an env state the env cannot continue exactly
         raise UsageError(f"cannot resume: {err}") from None
-    return obs, own["episode"]["return"].to(obs.device), own["episode"]["length"].to(obs.device)
+    run.episodes.obs = torch.where(torch.isfinite(obs), obs, torch.zeros_like(obs))
+    run.episodes.ep_return = own["episode"]["return"].to(obs.device)
+    run.episodes.ep_length = own["episode"]["length"].to(obs.device)
 
 
-def open_writer(flags: dict, run_dir: str, continuing: bool, global_step: int, track: bool, project: str):
+def open_writer(flags: dict, run_dir: str, continuing: bool, global_step: int):
     """TensorBoard (and W&B with --track); a continued run hides whatever was logged after its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
-    if track:
+    if flags["track"]:
         try:
             import wandb
         except ImportError:
             raise UsageError("--track logs to Weights and Biases: pip install wandb") from None
-        wandb.init(project=project, sync_tensorboard=True, config=flags, name=os.path.basename(run_dir),
-                   save_code=True, resume="allow")
+        wandb.init(project=flags["wandb_project_name"], sync_tensorboard=True, config=flags,
+                   name=os.path.basename(run_dir), save_code=True, resume="allow")
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if continuing else None)
     if not continuing:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
     return writer
-
-
-def open_run(flags: dict, checkpoint: Optional[dict], global_step: int, num_iterations: int, device):
-    """Rank 0's side of a run: its folder (locked), the writer, and one line that says what runs where. Returns the
-    RunFolder, or why the run cannot start, in one line (so that every rank can stop)."""
-    name = f"mapush_{flags['env_backend']}__{flags['exp_name']}__{flags['seed']}"
-    try:
-        folder = open_run_dir(name, flags["resume"], checkpoint)
-    except UsageError as err:
-        return str(err)
-    folder.writer = open_writer(flags, folder.path, folder.continuing, global_step, flags["track"],
-                                flags["wandb_project_name"])
-    first = checkpoint["iteration"] + 1 if checkpoint is not None else 1
-    print(f"training: {flags['world_size']} process(es) on {device}, {flags['num_envs']} envs x {flags['num_steps']} "
-          f"decisions x {flags['action_repeat']} env steps per iteration and process, iterations {first}-"
-          f"{num_iterations}, run folder {folder.path}{' (continued)' if folder.continuing else ''}\n  then: python "
-          f"happo_mapush.py --eval-checkpoint {folder.path}/checkpoint_{num_iterations}.pt", flush=True)
-    return folder
 
 
 class Progress:
@@ -371,8 +435,141 @@ class Progress:
               f"{scalars['losses/explained_variance']:.3f} elapsed {hms(elapsed)} ETA {hms(eta)}", flush=True)
 
 
-def report_stop(signum: int, path: str, iteration: int, num_iterations: int, flags: dict, defaults: dict,
-                world: int) -> None:
-    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
-    print(f"stopped by {signal.Signals(signum).name}: saved {path} (iteration {iteration} of {num_iterations}); "
-          f"continue with:\n  {command(flags, defaults, launcher)}", flush=True)
+class Run:
+    """One training run's bookkeeping, so that the training loop holds only RL:
+
+        with Run(args) as run:                # process group, seeding, resume checks, signals
+            ... build env, models, episodes on run.device with run.seed ...
+            run.start(models, env, episodes)  # restore a resumed run into them; open (lock) the run folder
+            for iteration in run.iterations():
+                ... rollout, GAE, updates ...
+                run.end_iteration(iteration, sums, means)  # log, save, stop on a signal or a non-finite loss
+
+    `models` has `actors`, `actor_optimizers`, `critic`, `critic_optimizer` and `value_norm`; `episodes` has `obs`,
+    `ep_return` and `ep_length` (restored in place). `run.path` is the newest checkpoint (rank 0)."""
+
+    def __init__(self, args):
+        self.args, self.flags, self.defaults = args, args_dict(args), args_dict(type(args)())
+        self.device = init_distributed(args.cuda, args.dist_backend)
+        self.world, self.rank = world_size(), rank()
+        self.per_iteration = args.num_envs * args.num_steps * args.action_repeat * self.world  # env steps, all ranks
+        self.num_iterations = args.total_timesteps // self.per_iteration  # >= 1: check_args
+        self.checkpoint = None
+        if args.resume is not None:  # rank 0 reads the file; every rank gets it, or the same error
+            checkpoint = broadcast(resume_problem(args.resume, self.flags, self.world, self.num_iterations)
+                                   if self.rank == 0 else None)
+            if isinstance(checkpoint, str):
+                raise UsageError(checkpoint)
+            self.checkpoint = checkpoint
+        self.start_iteration = 1 if self.checkpoint is None else self.checkpoint["iteration"] + 1
+        self.seed, self.order_rng = rank_seed(args.seed), order_generator(args.seed, self.world)
+        torch.manual_seed(self.seed)  # every rank starts from rank 0's weights all the same (DDP broadcasts them)
+        self.folder: Optional[RunFolder] = None
+        self.path, self.stop = "", StopRequest()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.restore()
+        if self.folder is not None:
+            self.folder.close()  # the writer, then the lock
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What the update functions train: under torchrun the module in DistributedDataParallel, which gives every
+        rank rank 0's weights now and averages the gradients over ranks inside `backward`; in one process the module."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def global_step_at(self, iteration: int) -> int:
+        return iteration * self.per_iteration if self.checkpoint is None else (
+            self.checkpoint["global_step"] + (iteration - self.checkpoint["iteration"]) * self.per_iteration)
+
+    def start(self, models, env, episodes) -> None:
+        self.models, self.env, self.episodes = models, env, episodes
+        if self.checkpoint is not None:
+            restore(self, self.checkpoint)
+        # Rank 0 opens (and locks) the run folder, TensorBoard (W&B) and prints the start-up line; a refusal stops all.
+        problem = None
+        if self.rank == 0:
+            name = f"mapush_{self.flags['env_backend']}__{self.flags['exp_name']}__{self.flags['seed']}"
+            try:
+                self.folder = open_run_dir(name, self.args.resume, self.checkpoint)
+            except UsageError as err:
+                problem = str(err)
+        problem = broadcast(problem)
+        if problem is not None:
+            raise UsageError(problem)
+        step = self.global_step_at(self.start_iteration - 1)
+        if self.folder is not None:
+            self.folder.writer = open_writer({**self.flags, "world_size": self.world}, self.folder.path,
+                                             self.folder.continuing, step)
+            self.path = self.args.resume if self.folder.continuing else ""
+            print(f"training: {self.world} process(es) on {self.device}, {self.args.num_envs} envs x "
+                  f"{self.args.num_steps} decisions x {self.args.action_repeat} env steps per iteration and process, "
+                  f"iterations {self.start_iteration}-{self.num_iterations}, run folder {self.folder.path}"
+                  f"{' (continued)' if self.folder.continuing else ''}\n  then: python happo_mapush.py "
+                  f"--eval-checkpoint {self.folder.path}/checkpoint_{self.num_iterations}.pt", flush=True)
+        self.progress = Progress(self.args.log_interval, self.num_iterations, self.start_iteration, step)
+        self.last_good = snapshot(self, self.start_iteration - 1)
+
+    def iterations(self) -> range:
+        return range(self.start_iteration, self.num_iterations + 1)
+
+    def save(self, state: dict) -> str:
+        """Every rank calls it: rank 0 writes the checkpoint with every rank's own part (RNG, envs)."""
+        ranks = gather(state["local"])
+        if self.folder is not None:
+            self.path = save_checkpoint(state, ranks, self.folder.path)
+        return self.path
+
+    def end_iteration(self, iteration: int, sums: Dict[str, torch.Tensor], means: Dict[str, torch.Tensor]) -> None:
+        """Log the iteration (`sums` summed over ranks, `means` averaged), then: a non-finite loss stops every rank
+        with the last good checkpoint; a snapshot; a checkpoint every --save-interval iterations and at the end; a
+        stop signal on any rank stops every rank after saving."""
+        scalars = self.reduce(sums, means)
+        nonfinite = sorted(name for name, value in scalars.items() if "loss" in name and not math.isfinite(value))
+        if nonfinite:  # every rank sees the same reduced scalars, so every rank stops here
+            path = self.save(self.last_good)
+            raise SystemExit(f"non-finite {', '.join(nonfinite)} at iteration {iteration}; stopped. The last good "
+                             f"checkpoint (iteration {self.last_good['iteration']}) is {path}" if self.rank == 0 else 1)
+        step = self.global_step_at(iteration)
+        scalars["charts/SPS"] = self.progress.sps(step)
+        if self.folder is not None:
+            for name, value in scalars.items():
+                self.folder.writer.add_scalar(name, value, step)
+            self.progress.line(iteration, step, scalars)
+        self.last_good = snapshot(self, iteration)
+        if iteration % self.args.save_interval == 0 or iteration == self.num_iterations:
+            self.save(self.last_good)
+        signum = int(all_reduce(torch.tensor(float(self.stop.signum)), "MAX").item())  # the same on every rank
+        if signum and iteration < self.num_iterations:  # SIGINT/SIGTERM: save this iteration, then stop
+            path = self.save(self.last_good)
+            if self.folder is not None:
+                launcher = f"torchrun --nproc_per_node {self.world}" if self.world > 1 else "python"
+                print(f"stopped by {signal.Signals(signum).name}: saved {path} (iteration {iteration} of "
+                      f"{self.num_iterations}); continue with:\n  "
+                      f"{command({**self.flags, 'resume': path}, self.defaults, launcher)}", flush=True)
+            raise SystemExit(128 + signum)
+
+    def reduce(self, sums: Dict[str, torch.Tensor], means: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Sums and means over ranks in two transfers; episode counts become rates, reward terms per env step."""
+        scalars: Dict[str, float] = {}
+        for group, average in ((sums, False), (means, True)):
+            values = all_reduce(torch.stack([torch.as_tensor(v).float().reshape(()).to(self.device)
+                                             for v in group.values()]))
+            scalars.update({name: value / (self.world if average else 1)
+                            for name, value in zip(group, values.tolist())})
+        ended = {name[len("episodes/"):]: scalars.pop(name) for name in list(scalars) if name.startswith("episodes/")}
+        if ended.get("count", 0) > 0:  # episode lengths in env steps
+            count = ended["count"]
+            scalars.update({"charts/episodes": count, "charts/episodic_return": ended["return"] / count,
+                            "charts/episodic_length": ended["length"] / count,
+                            **{f"charts/{kind}_rate": ended[kind] / count
+                               for kind in ("success", "exception", "time_out")}})
+        for name in [k for k in scalars if k.startswith("rewards/")]:  # per env step of one env
+            scalars[name] /= self.per_iteration
+        return scalars

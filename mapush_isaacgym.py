@@ -1,4 +1,4 @@
-"""The `isaacgym` backend: MAPush's real `go1push_mid` (MQE on Isaac Gym) behind the contract of `mapush_env`.
+"""The `isaacgym` backend: MAPush's real `go1push_mid` (MQE on Isaac Gym) behind `make_env`'s contract.
 
 Imported only when `--env-backend isaacgym` is chosen (`mapush_env.make_env`); it needs Python 3.8, Isaac Gym
 Preview 4, a CUDA GPU and a MAPush checkout (docs/isaacgym.md has the recipe).
@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from mapush_env import EPISODE_STEPS, TASKS, TWO_PI, BackendUnavailable, Scene, check_actions
+from mapush_task import EPISODE_STEPS, TASKS, TWO_PI, BackendUnavailable, Scene, check_actions
 
 ISAACGYM_HELP = (
     "the isaacgym backend needs Isaac Gym Preview 4 and MAPush (MQE), and importing them failed ({err}). "
@@ -103,7 +103,7 @@ def task_config_class(task: str):
 
 
 class IsaacGymPushEnv:
-    """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with the contract of `mapush_env`.
+    """`go1push_mid` on Isaac Gym: a thin adapter over MQE's `make_mqe_env` with `make_env`'s contract.
 
     - Team reward: the contract's rewards are per agent and the trainer forms the team reward, so it must not get a
       reward that is already a team sum. Upstream MAPush's wrapper returns per-agent rewards (passed through); the

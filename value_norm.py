@@ -2,13 +2,15 @@
 
 Debiased exponential moving averages of the returns and their squares (beta = 0.99999), variance floored at 1e-2.
 The statistics are registered buffers, so `state_dict()` saves and restores them on any device (HARL's
-`nn.Parameter(...).to(device)` leaves them unregistered on CUDA and checkpoints silently lose them).
+`nn.Parameter(...).to(device)` leaves them unregistered on CUDA and checkpoints silently lose them). Under torchrun
+`update` averages the batch moments over ranks first, so every rank holds the same statistics.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -26,13 +28,18 @@ class ValueNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """One update with the batch mean of x (any shape; HARL passes [B, 1])."""
+        """One update with the batch mean and mean square of x (any shape; HARL passes [B, 1]); under torchrun, of
+        every rank's batch (all ranks' batches have the same size)."""
         x = x.to(self.running_mean.device, torch.float32)
-        self.update_moments(x.mean(), (x * x).mean())
+        moments = torch.stack([x.mean(), (x * x).mean()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(moments)
+            moments = moments / dist.get_world_size()
+        self.update_moments(moments[0], moments[1])
 
     @torch.no_grad()
     def update_moments(self, mean: torch.Tensor, mean_sq: torch.Tensor) -> None:
-        """One update with a batch's mean and mean square (the trainer passes those of all ranks' batches)."""
+        """One update with a batch's mean and mean square."""
         w = self.beta
         self.running_mean.mul_(w).add_((1.0 - w) * mean)
         self.running_mean_sq.mul_(w).add_((1.0 - w) * mean_sq)
