@@ -139,7 +139,9 @@ class Actor(nn.Module):
         self.std_logit = nn.Parameter(torch.ones(action_dim))
 
     def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(self.mean(self.trunk(obs)), 0.5 * torch.sigmoid(self.std_logit))
+        # No argument checks: they cost time, and a non-finite loss stops the run at the end of its iteration.
+        return torch.distributions.Normal(self.mean(self.trunk(obs)), 0.5 * torch.sigmoid(self.std_logit),
+                                          validate_args=False)
 
 
 class Critic(nn.Module):

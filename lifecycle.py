@@ -531,7 +531,7 @@ class Run:
         with the last good checkpoint; a snapshot; a checkpoint every --save-interval iterations and at the end; a
         stop signal on any rank stops every rank after saving."""
         scalars = self.reduce(sums, means)
-        nonfinite = sorted(name for name, value in scalars.items() if "loss" in name and not math.isfinite(value))
+        nonfinite = sorted(k for k, value in scalars.items() if k.endswith("loss") and not math.isfinite(value))
         if nonfinite:  # every rank sees the same reduced scalars, so every rank stops here
             path = self.save(self.last_good)
             raise SystemExit(f"non-finite {', '.join(nonfinite)} at iteration {iteration}; stopped. The last good "

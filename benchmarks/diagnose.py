@@ -1,6 +1,7 @@
-"""Why seeds differ: when each run discovers pushing, what its critic does around then, and how its final policy fails.
+"""Why seeds differ: when each run discovers pushing, what its critic does around then, and how its final policy fails;
+and the highest success the calculator can report on each task.
 
-For every run folder under `--out`'s runs/ (a sweep.py or compare.py output folder; or run folders given directly):
+For every run folder under `--out`'s runs/ (a benchmarks/experiment.py output folder; or run folders given directly):
 - from TensorBoard, the env steps at which the training success rate (a 5-iteration moving average of
   charts/success_rate, the episodes that ended in each iteration) first reaches 20 %, 50 % and 80 %;
 - around the 20 % crossing (the discovery of pushing), the critic's explained variance and value loss: their means
@@ -11,8 +12,14 @@ For every run folder under `--out`'s runs/ (a sweep.py or compare.py output fold
 
 Writes `diagnosis.csv` into `--out` (or prints only, for run folders) and prints a markdown table, one row per run.
 
-    python benchmarks/diagnose.py --out benchmarks/results/compare_cuboid
+`--ceiling`: the task spawns the agents at random, and a pair closer than the collision distance (0.25 m; the
+T-block 0.27 m) ends the episode as an exception on its first env step, whatever the policy does. The calculator
+counts each env's first episode, so on a given eval seed those envs can never succeed: this counts them with one
+decision of zero actions per eval seed, and the ceiling = 1 - ended / envs, averaged over the eval seeds.
+
+    python benchmarks/diagnose.py --out benchmarks/results/tasks
     python benchmarks/diagnose.py runs/RUN_A runs/RUN_B
+    python benchmarks/diagnose.py --ceiling                 # cuboid, T-block, cylinder on eval seeds 10000, 10001
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import EVAL_SEED, checkpoints, scalars  # noqa: E402
+from experiment import EVAL_SEED, checkpoints, scalars  # noqa: E402
 
 THRESHOLDS = (0.2, 0.5, 0.8)
 SMOOTH = 5  # iterations in the moving average of the training success rate
@@ -96,13 +103,33 @@ def diagnose(run_dir: str, envs: int, seed: int) -> dict:
     return row
 
 
+def ceiling(envs: int, seeds) -> None:
+    import happo_mapush as H
+
+    print("| task | " + " | ".join(f"ended at spawn, eval seed {s}" for s in seeds) + " | ceiling |")
+    print("|---|" + "---|" * len(seeds) + "---|")
+    for task in ("cuboid", "tblock", "cylinder"):
+        ended = []
+        for seed in seeds:
+            env = H.policy_env(dict(env_backend="vmas", task=task, action_repeat=5), envs, "cpu", seed)
+            obs = env.reset()
+            _, _, done, info = env.step(torch.zeros(obs.shape[0], obs.shape[1], env.action_dim))
+            assert bool((done == info["exception"]).all()), "only exceptions can end an episode on its first decision"
+            ended.append(int(done.sum()))
+        cells = " | ".join(f"{n} of {envs}" for n in ended)
+        print(f"| {task} | {cells} | {100 * (1.0 - sum(ended) / (len(ended) * envs)):.1f} % |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run folders (default: every folder under --out's runs/)")
-    parser.add_argument("--out", help="a sweep.py or compare.py output folder")
+    parser.add_argument("--out", help="a benchmarks/experiment.py output folder")
     parser.add_argument("--eval-episodes", type=int, default=1024)
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--ceiling", action="store_true", help="the calculator's ceiling per task instead")
     args = parser.parse_args()
+    if args.ceiling:
+        return ceiling(args.eval_episodes, [args.eval_seed, args.eval_seed + 1])
     runs = args.runs or sorted(glob.glob(os.path.join(args.out or "", "runs", "*")))
     if not runs:
         parser.error("no run folders: give them, or --out with a runs/ folder")

@@ -16,7 +16,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import happo_mapush as H  # noqa: E402
-from mapush_env import AGENT_DISC_RADIUS, BOX_SIZE, DT, SUCCESS_RADIUS  # noqa: E402
+from mapush_task import DT, SUCCESS_RADIUS, TASKS  # noqa: E402
+from mapush_vmas import AGENT_DISC_RADIUS  # noqa: E402
+
+BOX_SIZE = TASKS["cuboid"].parts[0].size[0]
 
 
 def draw(ax, scene, env_id: int, title: str) -> None:

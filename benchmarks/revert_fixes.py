@@ -52,7 +52,7 @@ REVERTS = {
         ["tests/test_rollout.py::test_the_stored_reward_is_the_team_sum_not_agent_0s_column"],
         "the critic's reward is agent 0's column"),
     "time_out_bootstrap": (
-        "happo_mapush.py", 'sanitize(info["final_obs"])[0], lambda: info["final_scene"])', "carry.obs, env.scene)",
+        "happo_mapush.py", 'sanitize(info["final_obs"])[0], lambda: info["final_scene"])', "episodes.obs, env.scene)",
         ["tests/test_rollout.py::test_a_time_out_bootstraps_from_the_state_before_the_reset"],
         "a time-out bootstraps from the new episode's first state (after the auto-reset)"),
     "time_out_only": (

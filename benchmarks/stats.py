@@ -12,7 +12,7 @@ benchmarks-only dependency (benchmarks/requirements.txt); the trainer does not n
         --rename ent_coef_0.02=happo --baseline happo       # arms from two files in one table
 
 A CSV has one row per run and checkpoint, with columns for the group (e.g. `arm`, `task`), `seed`, `iteration` or
-`env_steps`, and the value (e.g. `eval_success`), as benchmarks/sweep.py and benchmarks/compare.py write them.
+`env_steps`, and the value (e.g. `eval_success`), as benchmarks/experiment.py writes them.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 - HOOK_STEP_DELAY=s: every env step also sleeps s seconds (a slow simulator, so a signal lands mid-run);
 - HOOK_SLOW_SAVE=n: the n-th checkpoint write (1-based) writes the first half of the real serialized bytes, prints
   SAVING and hangs, as a save interrupted by a crash or a kill would leave it;
-- HOOK_SAME_SEED=1: every rank seeds its envs and sampling with the base seed (so ranks hold identical data);
+- HOOK_SAME_SEED=1: every rank seeds its envs and sampling with the base seed, and draws the agent order from its
+  global generator as one process does (so ranks hold identical data and run exactly one process's steps);
 - HOOK_DUMP_STATE=folder: at exit each rank saves its last snapshot (models, optimizers, ValueNorm, its own RNG,
   envs and episode state) to folder/rank<RANK>.pt;
 - HOOK_NAN_RANK=r: from the second iteration on, rank r's advantages are NaN (a non-finite loss on one rank only).
@@ -19,17 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import happo_mapush  # noqa: E402
-import mapush_env  # noqa: E402
+import lifecycle  # noqa: E402
+import mapush_vmas  # noqa: E402
 
 delay = float(os.environ.get("HOOK_STEP_DELAY", "0"))
 if delay > 0:
-    real_step = mapush_env.VmasPushEnv.step
+    real_step = mapush_vmas.VmasPushEnv.step
 
     def slow_step(self, actions):
         time.sleep(delay)
         return real_step(self, actions)
 
-    mapush_env.VmasPushEnv.step = slow_step
+    mapush_vmas.VmasPushEnv.step = slow_step
 
 slow_save = int(os.environ.get("HOOK_SLOW_SAVE", "0"))
 if slow_save > 0:
@@ -50,7 +52,8 @@ if slow_save > 0:
     torch.save = hanging_save
 
 if os.environ.get("HOOK_SAME_SEED") == "1":
-    happo_mapush.rank_seed = lambda seed: seed
+    lifecycle.rank_seed = lambda seed: seed
+    lifecycle.order_generator = lambda seed, world: torch.default_generator
 
 if os.environ.get("HOOK_NAN_RANK") == os.environ.get("RANK", "0"):
     real_gae, calls = happo_mapush.compute_gae, []
@@ -64,13 +67,13 @@ if os.environ.get("HOOK_NAN_RANK") == os.environ.get("RANK", "0"):
 
 dump, last = os.environ.get("HOOK_DUMP_STATE"), []
 if dump:
-    real_snapshot = happo_mapush.snapshot
+    real_snapshot = lifecycle.snapshot
 
     def recording_snapshot(*args, **kwargs):
         last[:] = [real_snapshot(*args, **kwargs)]
         return last[0]
 
-    happo_mapush.snapshot = recording_snapshot
+    lifecycle.snapshot = recording_snapshot
 
 try:
     code = happo_mapush.main()

@@ -1,7 +1,8 @@
 """A hand-written two-agent pusher: walk around the box to the side opposite the target, then push toward it."""
 import torch
 
-from mapush_env import ACTION_SCALE, AGENT_DISC_RADIUS, TASKS, rotate
+from mapush_task import ACTION_SCALE, TASKS, rotate
+from mapush_vmas import AGENT_DISC_RADIUS
 
 BOX_SIZE = TASKS["cuboid"].parts[0].size[0]
 

@@ -1,4 +1,4 @@
-"""benchmarks/common.py's Experiment: an experiment folder's record survives other processes and lost checkpoints.
+"""benchmarks/experiment.py's Experiment: an experiment folder's record survives other processes and lost checkpoints.
 
 A sweep spans sessions, and a session's machine may not keep its disk: the folder's CSV, committed, must be enough to
 continue it, and two processes training into one folder must not erase each other's rows. Training and evaluation
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import common  # noqa: E402
+import experiment  # noqa: E402
 
 STEPS = 1_000_000  # env steps per iteration: --at 1 2 are iterations 1 and 2
 
@@ -32,25 +32,25 @@ def fake(monkeypatch):
                 open(os.path.join(folder, f"checkpoint_{i}.pt"), "w").close()
         return {}
 
-    def evaluate_checkpoint(path, episodes, seed=common.EVAL_SEED):
+    def evaluate_checkpoint(path, episodes, seed=experiment.EVAL_SEED):
         iteration = int(os.path.basename(path)[len("checkpoint_"):-3])
-        success = 0.25 * iteration + (0.125 if "__b__" in path else 0.0) + (seed - common.EVAL_SEED) / 1024
+        success = 0.25 * iteration + (0.125 if "__b__" in path else 0.0) + (seed - experiment.EVAL_SEED) / 1024
         return success, 9.5, iteration * STEPS
 
-    monkeypatch.setattr(common, "run_all", run_all)
-    monkeypatch.setattr(common, "evaluate_checkpoint", evaluate_checkpoint)
-    monkeypatch.setattr(common, "training_seconds", lambda directory: 120.0)
+    monkeypatch.setattr(experiment, "run_all", run_all)
+    monkeypatch.setattr(experiment, "evaluate_checkpoint", evaluate_checkpoint)
+    monkeypatch.setattr(experiment, "training_seconds", lambda directory: 120.0)
     return trained
 
 
-def experiment(out, *argv):
+def open_experiment(out, *argv):
     parser = argparse.ArgumentParser()
-    common.add_experiment_arguments(parser, at=[1, 2], seeds=[7])
-    return common.Experiment(parser.parse_args(["--out", str(out), *argv]), "sweep", STEPS)
+    experiment.add_experiment_arguments(parser, at=[1, 2], seeds=[7])
+    return experiment.Experiment(parser.parse_args(["--out", str(out), *argv]), "sweep", STEPS)
 
 
 def run(out, name, *argv):
-    e = experiment(out, *argv)
+    e = open_experiment(out, *argv)
     e.train([(name, 7, [])])
     rows = e.evaluate(name, 7, dict(arm=name))
     e.write(rows, lambda every_row: f"{len(every_row)} rows\n")
@@ -101,7 +101,7 @@ def test_a_run_recorded_only_partly_is_trained(tmp_path, fake):
 def test_a_folder_refuses_an_experiment_with_other_settings(tmp_path, fake, argv, named):
     run(tmp_path, "a")
     with pytest.raises(SystemExit, match=f"other settings \\({named} was"):
-        experiment(tmp_path, *argv)
+        open_experiment(tmp_path, *argv)
     assert len(read(tmp_path)) == 2
 
 
@@ -109,13 +109,13 @@ def test_a_folder_refuses_to_continue_after_the_trainers_default_changed(tmp_pat
     # each arm is "the default plus one change": continuing a sweep under a new default would change every arm
     # still to run without a word
     run(tmp_path, "a")
-    defaults = common.trainer_defaults()
+    defaults = experiment.trainer_defaults()
     assert "critic_input" in defaults and "seed" not in defaults
-    monkeypatch.setattr(common, "trainer_defaults", lambda: dict(defaults, critic_input="another"))
+    monkeypatch.setattr(experiment, "trainer_defaults", lambda: dict(defaults, critic_input="another"))
     with pytest.raises(SystemExit, match=f"defaults changed .* \\(critic_input was {defaults['critic_input']}\\): "
                                          "continue it at"):
-        experiment(tmp_path)
-    assert experiment(tmp_path, "--skip-training").record()[0]["run"] == "a"  # its tables stay readable
+        open_experiment(tmp_path)
+    assert open_experiment(tmp_path, "--skip-training").record()[0]["run"] == "a"  # its tables stay readable
 
 
 def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
@@ -128,9 +128,9 @@ def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
     created = time.time()
     writer.add_scalar("losses/value_loss", 0.5, 1, walltime=created + 3.0)
     writer.close()
-    assert common.training_seconds(str(tmp_path)) == pytest.approx(3.0, abs=0.5)
+    assert experiment.training_seconds(str(tmp_path)) == pytest.approx(3.0, abs=0.5)
     writer = SummaryWriter(str(tmp_path / "many"))
     for i, t in enumerate([10.0, 12.0, 14.0, 17.0]):  # gaps 2, 2, 3: 7 s logged + one median iteration (2 s)
         writer.add_scalar("losses/value_loss", 0.5, i, walltime=created + t)
     writer.close()
-    assert common.training_seconds(str(tmp_path / "many")) == pytest.approx(9.0, abs=1e-3)
+    assert experiment.training_seconds(str(tmp_path / "many")) == pytest.approx(9.0, abs=1e-3)

@@ -42,8 +42,8 @@ def test_two_ranks_hold_identical_models_and_explore_differently(tmp_path):
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 3
     assert same(learned_state(ranks[0]), learned_state(ranks[1]))  # actors, critic, Adam states, ValueNorm
     assert int(ranks[0]["value_norm"]["num_updates"]) == 3
-    envs = [r["local"]["env"]["bodies"]["box"][0] for r in ranks]  # each rank's own envs (seed + rank)
-    assert not torch.equal(envs[0], envs[1])
+    for part in (lambda env: env["target_xy"], lambda env: env["bodies"]["go1_0"][0]):  # each rank's own envs
+        assert not torch.equal(*(part(r["local"]["env"]) for r in ranks))  # (seed + rank): targets, agents' paths
     assert not torch.equal(ranks[0]["local"]["rng"]["torch"], ranks[1]["local"]["rng"]["torch"])
     run_dir = only_run_dir(tmp_path)  # rank 0 alone writes: one folder, one checkpoint with both ranks' parts
     assert [n for n in os.listdir(run_dir) if n.endswith(".pt")] == ["checkpoint_3.pt"]
@@ -110,7 +110,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_one_checkpoint(tmp_path):
 
 
 def test_the_gpu_check_script_runs_here_at_small_sizes(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "gpu", "--smoke"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import mapush_env as M
-from mapush_env import TASKS, Scene, make_env, observations, task_rewards
+import mapush_task as T
+import mapush_vmas as V
+from mapush_env import make_env
+from mapush_task import TASKS, Scene, observations, task_rewards
 
 from mqe_reference import mqe_normals
 from scripted_pusher import scripted_actions
@@ -47,7 +50,7 @@ def test_shapes_dtypes_device_and_info():
     assert done.shape == (5,) and done.dtype == torch.bool
     for key in ("success", "time_out", "exception"):
         assert info[key].shape == (5,) and info[key].dtype == torch.bool
-    assert set(info["reward_terms"]) == set(M.REWARD_TERMS)
+    assert set(info["reward_terms"]) == set(T.REWARD_TERMS)
     assert all(v.shape == (5,) for v in info["reward_terms"].values())
     assert info["final_obs"].shape == (5, 2, 8)
     scene = env.scene()
@@ -255,13 +258,13 @@ def test_face_normal_ties_like_mqe_on_a_dense_lattice():
     points = torch.cat([lattice, diagonals, edge_lines, vertices, corner, known])
     in_corner = (points.abs() > 0.6).all(1)
     assert int(in_corner.sum()) > 8000  # the tie region is well covered
-    got, expected = M.nearest_face_normal(points, CUBOID), mqe_face_normals(points)
+    got, expected = T.nearest_face_normal(points, CUBOID), mqe_face_normals(points)
     mismatched = (got != expected).any(1)
     assert not mismatched.any(), points[mismatched][:5].tolist()
     # past a corner the lower edge index wins: V0 -> edge 0, V2 -> edge 1, V3 -> edge 2
     assert got[-3:].tolist() == [[0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]
     # the batch shape is kept: [E, A, 2] points as the rewards pass them
-    torch.testing.assert_close(M.nearest_face_normal(points[:12].view(6, 2, 2), CUBOID).flatten(0, 1), got[:12])
+    torch.testing.assert_close(T.nearest_face_normal(points[:12].view(6, 2, 2), CUBOID).flatten(0, 1), got[:12])
 
 
 def test_ocb_rotated_box():
@@ -302,7 +305,7 @@ def test_success_radius(offset, success):
 def test_collision_radius(gap, collided):
     # Agents' bases gap metres apart (any direction); three agents: only the close pair matters.
     agents = torch.tensor([[[10.0, 3.0], [10.0 + gap * 0.8, 3.0 + gap * 0.6], [5.0, 5.0]]])
-    _, exception, _ = M.termination(torch.tensor([7.0]), agents, torch.tensor([1]), 0.25)
+    _, exception, _ = T.termination(torch.tensor([7.0]), agents, torch.tensor([1]), 0.25)
     assert exception.item() is collided
 
 
@@ -321,7 +324,7 @@ def test_collision_through_the_physics(start, collided):
 def test_termination_edges():
     agents = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]]).repeat(4, 1, 1)
     dist = torch.tensor([0.999, 1.001, 0.992, 2.0])
-    success, exception, time_out = M.termination(dist, agents, torch.tensor([1000, 1001, 1, 0]), 0.25)
+    success, exception, time_out = T.termination(dist, agents, torch.tensor([1000, 1001, 1, 0]), 0.25)
     assert success.tolist() == [True, False, True, False]
     assert time_out.tolist() == [False, True, False, False]  # the step counter must exceed 1000
     assert not exception.any()
@@ -345,9 +348,9 @@ def test_random_episode_start_desynchronizes_time_outs_only():
     before = env.state_dict()
     env.randomize_episode_start()
     counts = env.step_count.clone()
-    assert counts.min() >= 0 and counts.max() <= M.EPISODE_STEPS - 1
+    assert counts.min() >= 0 and counts.max() <= T.EPISODE_STEPS - 1
     assert counts.unique().numel() > 900  # spread over the episode, not one shared phase
-    assert abs(counts.float().mean().item() - (M.EPISODE_STEPS - 1) / 2) < 20
+    assert abs(counts.float().mean().item() - (T.EPISODE_STEPS - 1) / 2) < 20
     torch.testing.assert_close(env._observe(), obs)  # the scene itself is untouched
     for name, tensors in before["bodies"].items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, env.state_dict()["bodies"][name])), name
@@ -410,7 +413,7 @@ def test_observations_invariant_to_rigid_motion():
     assert obs.shape == (E, A, 2 + 3 * A)
     phi = torch.rand(E, generator=gen) * 6.28
     shift = torch.rand(E, 2, generator=gen) * 10 - 5
-    tf = lambda p: M.rotate(p, phi.view(E, *([1] * (p.dim() - 2)))) + shift.view(E, *([1] * (p.dim() - 2)), 2)  # noqa
+    tf = lambda p: T.rotate(p, phi.view(E, *([1] * (p.dim() - 2)))) + shift.view(E, *([1] * (p.dim() - 2)), 2)  # noqa
     moved = observations(tf(box), torch.remainder(box_yaw + phi, 2 * math.pi), tf(target), tf(agents),
                          torch.remainder(agent_yaw + phi.unsqueeze(1), 2 * math.pi))
     pos_idx = [0, 1, 2, 3] + [5 + 3 * k + j for k in range(A - 1) for j in (0, 1)]
@@ -428,7 +431,7 @@ def test_env_observation_invariant_to_rigid_motion():
     place(env, **scene_a)
     obs_a = env._observe()
     phi, shift = 2.0, torch.tensor([-3.0, 5.0])
-    move = lambda p: tuple((M.rotate(torch.tensor(p), torch.tensor(phi)) + shift).tolist())  # noqa: E731
+    move = lambda p: tuple((T.rotate(torch.tensor(p), torch.tensor(phi)) + shift).tolist())  # noqa: E731
     place(env, box_xy=move(scene_a["box_xy"]), box_yaw=0.3 + phi, target_xy=move(scene_a["target_xy"]),
           agent_xy=tuple(move(p) for p in scene_a["agent_xy"]), agent_yaw=tuple(y + phi for y in scene_a["agent_yaw"]))
     assert torch.allclose(obs_a, env._observe(), atol=1e-4)
@@ -462,11 +465,11 @@ def push_run(lateral_offset: float, seconds: float):
     env = make_env("vmas", num_envs=1, seed=0)
     env.reset()
     place(env, box_xy=(12.0, 0.0), target_xy=(30.0, 0.0),
-          agent_xy=((12.0 - 0.6 - M.AGENT_DISC_RADIUS - 0.02, lateral_offset), (0.0, 10.0)))
+          agent_xy=((12.0 - 0.6 - V.AGENT_DISC_RADIUS - 0.02, lateral_offset), (0.0, 10.0)))
     actions = zero_actions(env)
     actions[0, 0, 0] = 1.0
     history = []
-    for _ in range(int(round(seconds / M.DT))):
+    for _ in range(int(round(seconds / T.DT))):
         env.step(actions)
         history.append((env.box.state.pos[0].clone(), env.box.state.rot[0, 0].item()))
     return history
@@ -496,7 +499,7 @@ def test_agent_velocity_step_response():
         vx = env.scene().agent_lin_vel[0, 0, 0].item()
         if vx >= 0.63 * 0.5:
             break
-    assert 0.15 <= step * M.DT <= 0.35, step * M.DT
+    assert 0.15 <= step * T.DT <= 0.35, step * T.DT
     for _ in range(100):
         env.step(actions)
     s = env.scene()
@@ -526,7 +529,7 @@ def test_contacts_stay_stable_when_agents_squeeze_the_box():
     max_speed = max_spin = 0.0
     for _ in range(300):
         s = env.scene()
-        towards = M.rotate(s.box_xy.unsqueeze(1) - s.agent_xy, -s.agent_yaw)
+        towards = T.rotate(s.box_xy.unsqueeze(1) - s.agent_xy, -s.agent_yaw)
         spin = torch.randn(E, 2, 1, generator=gen)
         actions = torch.cat([2.0 * towards / towards.norm(dim=-1, keepdim=True), spin], -1)
         env.step(actions)
@@ -584,7 +587,7 @@ def test_action_repeat_sums_rewards_until_the_episode_ends_then_stands():
     wrapped, plain = M.ActionRepeat(make_env("vmas", num_envs=2, seed=4), 3), make_env("vmas", num_envs=2, seed=4)
     for env in (wrapped.env, plain):
         env.reset()
-        env.step_count = torch.tensor([0, M.EPISODE_STEPS - 1])  # env 1's counter passes 1000 at its 2nd step
+        env.step_count = torch.tensor([0, T.EPISODE_STEPS - 1])  # env 1's counter passes 1000 at its 2nd step
     actions = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(0))
     obs, reward, done, info = wrapped.step(actions)
 

@@ -1,6 +1,5 @@
 """The trainer's math: GAE with ValueNorm and time-outs, the HAPPO factor, ValueNorm update timing, critic input."""
 import copy
-import math
 
 import pytest
 import torch
@@ -56,7 +55,7 @@ def actors_and_batch(num_agents=3, batch=96, seed=0):
     actors = [H.Actor(5, 2, (16,)) for _ in range(num_agents)]
     obs = torch.randn(batch, num_agents, 5)
     with torch.no_grad():
-        dists = [a.dist(obs[:, i]) for i, a in enumerate(actors)]
+        dists = [a(obs[:, i]) for i, a in enumerate(actors)]
         actions = torch.stack([d.sample() for d in dists], dim=1)
         logprobs = torch.stack([d.log_prob(actions[:, i]).sum(-1) for i, d in enumerate(dists)], dim=1)
     advantages = torch.randn(batch)
@@ -79,7 +78,7 @@ def test_factor_is_product_of_previous_agents_ratios_after_their_updates():
     first, second, third = order = update_order(stats)
     assert order == expected_order and [stats[i]["update_position"] for i in order] == [0.0, 1.0, 2.0]
     with torch.no_grad():  # each actor's joint ratio with its final (post-update) parameters
-        ratio = {i: (actors[i].dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) - logprobs[:, i]).exp()
+        ratio = {i: (actors[i](obs[:, i]).log_prob(actions[:, i]).sum(-1) - logprobs[:, i]).exp()
                  for i in range(3)}
     assert (ratio[first] - 1).abs().max() > 1e-2 and (ratio[second] - 1).abs().max() > 1e-2  # the updates acted
     assert torch.equal(factors[first], torch.ones(96))  # the first agent in the order
@@ -121,7 +120,7 @@ def test_actor_loss_matches_hand_computed_clipped_objective():
     old = logprobs[:, 0] + torch.tensor([0.5, -0.5, 0.05, 0.0])
     adv = torch.tensor([1.0, 1.0, -2.0, 0.5])
     with torch.no_grad():
-        new = actor.dist(obs[:, 0]).log_prob(actions[:, 0]).sum(-1)
+        new = actor(obs[:, 0]).log_prob(actions[:, 0]).sum(-1)
         r = (new - old).exp()
     norm_adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-5)
     expected = -torch.min(r * norm_adv, r.clamp(0.8, 1.2) * norm_adv).mean()
@@ -184,8 +183,7 @@ def test_clipped_huber_value_loss_by_hand():
     assert loss_unclipped == pytest.approx(huber(y - v).mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("global-state-vel", 20),
-                                                       ("global-state-full", 23), ("agent0-obs", 8)])
+@pytest.mark.parametrize("critic_input, width", [("global-state", 17), ("global-state-full", 23), ("agent0-obs", 8)])
 def test_critic_input_width(critic_input, width):
     args = make_args(critic_input=critic_input)
     env = make_env("vmas", num_envs=4, seed=0)
@@ -202,7 +200,7 @@ def test_critic_input_width(critic_input, width):
 
 def test_networks_follow_harl_initialisation():
     actor = H.Actor(8, 3, (128, 128))
-    dist = actor.dist(torch.randn(5, 8))
+    dist = actor(torch.randn(5, 8))
     assert torch.allclose(dist.stddev, torch.full((5, 3), 0.5 * torch.sigmoid(torch.tensor(1.0)).item()))
     assert dist.entropy().sum(-1).mean().item() == pytest.approx(1.2376, abs=1e-4)
     assert dist.mean.abs().max() < 0.1  # mean head gain 0.01
@@ -279,7 +277,7 @@ def test_mappo_takes_the_gradient_of_the_mean_surrogate_over_all_agents_samples(
     reference = copy.deepcopy(actor)
     # By hand: every agent's samples through the one actor, the surrogate's mean over all 8 x 3 of them, the entropy.
     norm_adv = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-5)
-    policy = reference.dist(obs.flatten(0, 1))  # sample-major: (b, agent)
+    policy = reference(obs.flatten(0, 1))  # sample-major: (b, agent)
     ratio = (policy.log_prob(actions.flatten(0, 1)).sum(-1) - logprobs.flatten()).exp()
     adv = norm_adv.repeat_interleave(3)
     assert ((ratio - 1).abs() > 0.2).any() and ((ratio - 1).abs() < 0.2).any()
@@ -300,7 +298,7 @@ def test_shared_happo_factor_is_the_first_agents_joint_ratio_under_the_shared_ac
     actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=3, batch=64)
     actor = actors[0]
     with torch.no_grad():  # the rollout's log-probs under the one shared actor
-        logprobs = torch.stack([actor.dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) for i in range(3)], dim=1)
+        logprobs = torch.stack([actor(obs[:, i]).log_prob(actions[:, i]).sum(-1) for i in range(3)], dim=1)
     torch.manual_seed(5)
     stats, factors = H.happo_actor_update([actor], [torch.optim.Adam(actor.parameters(), lr=3e-2, eps=1e-5)], obs,
                                           actions, logprobs, advantages, make_args(share_actor=True, ppo_epochs=2))
@@ -313,39 +311,29 @@ def test_shared_happo_factor_is_the_first_agents_joint_ratio_under_the_shared_ac
                          obs[:, [first]], actions[:, [first]], logprobs[:, [first]], advantages,
                          make_args(share_actor=True, ppo_epochs=2))
     with torch.no_grad():
-        ratio = (replay[0].dist(obs[:, first]).log_prob(actions[:, first]).sum(-1) - logprobs[:, first]).exp()
+        ratio = (replay[0](obs[:, first]).log_prob(actions[:, first]).sum(-1) - logprobs[:, first]).exp()
     assert (ratio - 1).abs().max() > 1e-2
     torch.testing.assert_close(factors[second], ratio, rtol=1e-5, atol=1e-6)
 
 
-def test_actor_input_cos_sin_replaces_each_relative_yaw_by_its_cos_and_sin():
-    from global_state import CosSinYaws
-
-    obs = torch.tensor([[0.1, 0.2, 0.3, 0.4, 6.2, 1.0, 1.1, 0.5]])  # 2 agents: yaws at 4 (object) and 7 (other agent)
-    got = CosSinYaws(8)(obs)
-    c, s = math.cos, math.sin
-    expected = torch.tensor([[0.1, 0.2, 0.3, 0.4, 1.0, 1.1, c(6.2), c(0.5), s(6.2), s(0.5)]])
-    torch.testing.assert_close(got, expected)
-    assert CosSinYaws(11).yaws == [4, 7, 10] and CosSinYaws(11).out_dim == 14  # 3 agents
-    torch.manual_seed(0)
-    actor = H.Actor(8, 3, (16,), "obs-cos-sin")
-    assert isinstance(actor.trunk[0], CosSinYaws) and actor.trunk[1].normalized_shape == (10,)
-    below, above = obs.clone(), obs.clone()
-    below[0, 4], above[0, 4] = 2 * math.pi - 1e-4, 1e-4  # the same heading, on both sides of the wrap
-    assert (actor.dist(below).mean - actor.dist(above).mean).abs().max() < 1e-3
-    raw = H.Actor(8, 3, (16,))
-    assert (raw.dist(below).mean - raw.dist(above).mean).abs().max() > 1e-3  # the raw angle jumps there
-
-
-def test_a_checkpoint_rebuilds_its_actor_input(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag, value", [("actor_input", "obs-cos-sin"), ("critic_input", "global-state-vel"),
+                                         ("std_max", 1.0)])
+def test_a_checkpoint_of_a_removed_experiment_is_refused_in_one_line(tmp_path, monkeypatch, flag, value):
+    # the removed flags' checkpoints cannot be rebuilt by this code: refused, naming the commit that still has them
     monkeypatch.chdir(tmp_path)
-    args = H.check_args(H.Args(actor_input="obs-cos-sin", share_actor=True, num_envs=8, num_steps=10,
-                               total_timesteps=400, hidden_sizes=(16,), critic_hidden_sizes=(16,), cuda=False))
-    checkpoint = H.load_checkpoint(H.train(args), "cpu")
-    env = H.policy_env(checkpoint["args"], 4, "cpu", 0)
-    (actor,) = H.trained_actors(checkpoint, env)  # one shared actor, with the transform
-    assert actor.trunk[1].normalized_shape == (10,)
-    assert H.mean_actions([actor], env.reset()).shape == (4, 2, 3)
+    args = H.check_args(H.Args(num_envs=8, num_steps=10, total_timesteps=400, hidden_sizes=(16,),
+                               critic_hidden_sizes=(16,), cuda=False))
+    path = H.train(args)
+    state = torch.load(path, weights_only=True)
+    state["args"][flag] = value
+    torch.save(state, tmp_path / "old.pt")
+    commit = "0aee1c9" if flag == "std_max" else "51e6216"
+    with pytest.raises(H.UsageError, match=f"uses --{flag.replace('_', '-')} {value}, an experiment removed after "
+                                           f"commit {commit}"):
+        H.load_checkpoint(str(tmp_path / "old.pt"), "cpu")
+    state["args"][flag] = {"actor_input": "obs", "critic_input": "global-state-full", "std_max": 0.5}[flag]
+    torch.save(state, tmp_path / "fine.pt")
+    assert H.load_checkpoint(str(tmp_path / "fine.pt"), "cpu")["iteration"] == 1  # the value the code still has
 
 
 def test_shared_happo_later_factors_start_from_the_shared_actor_at_the_turns_start():
@@ -353,17 +341,17 @@ def test_shared_happo_later_factors_start_from_the_shared_actor_at_the_turns_sta
     # not from the rollout's log-probs (HARL's runner recomputes it before each turn).
     actors, obs, actions, logprobs, advantages = actors_and_batch(num_agents=3, batch=64)
     actor, full_batch = actors[0], []
-    real_dist = actor.dist
+    real_forward = actor.forward
 
-    def recording_dist(x):  # full-batch passes: each turn's start and end (mini-batches are half the batch)
-        policy = real_dist(x)
+    def recording_forward(x):  # full-batch passes: each turn's start and end (mini-batches are half the batch)
+        policy = real_forward(x)
         if x.shape[0] == 64:
             full_batch.append(policy)
         return policy
 
-    actor.dist = recording_dist
+    actor.forward = recording_forward
     with torch.no_grad():
-        logprobs = torch.stack([real_dist(obs[:, i]).log_prob(actions[:, i]).sum(-1) for i in range(3)], dim=1)
+        logprobs = torch.stack([real_forward(obs[:, i]).log_prob(actions[:, i]).sum(-1) for i in range(3)], dim=1)
     torch.manual_seed(5)
     stats, factors = H.happo_actor_update([actor], [torch.optim.Adam(actor.parameters(), lr=3e-2, eps=1e-5)], obs,
                                           actions, logprobs, advantages,
@@ -377,8 +365,8 @@ def test_shared_happo_later_factors_start_from_the_shared_actor_at_the_turns_sta
 
 
 def test_the_default_critic_sees_the_objects_velocity():
-    # issue 21's default: the global state carries the object's velocity and yaw rate (global-state-full); setting
-    # the default back to the 17-dim state fails here
+    # the default global state carries the object's velocity and yaw rate (global-state-full); setting the default
+    # back to the 17-dim state fails here
     args, env = make_args(), make_env("vmas", num_envs=4, seed=0)
     obs = env.reset()
     models = H.build_models(args, env, torch.device("cpu"))

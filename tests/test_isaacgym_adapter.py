@@ -26,7 +26,8 @@ import torch
 import happo_mapush as H
 import mapush_isaacgym
 from global_state import build_global_state
-from mapush_env import EPISODE_STEPS, BackendUnavailable, make_env, observations
+from mapush_env import make_env
+from mapush_task import EPISODE_STEPS, BackendUnavailable, observations
 from mapush_isaacgym import IsaacGymPushEnv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import happo_mapush as H
-import mapush_env
+import mapush_vmas
 from checkpoint_tensors import learned_state, same
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,19 +291,19 @@ def test_a_checkpoint_from_before_the_env_stream_change_is_refused_in_one_line(r
     cwd, run_dir = reference
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint_4.pt"), weights_only=False)
     for own in checkpoint["ranks"]:
-        del own["env"]["version"]  # as the env state of every checkpoint saved before commit f5e0968
+        del own["env"]["version"]  # as the env state of every checkpoint saved before the layout had a version
     old = tmp_path / "old.pt"
     torch.save(checkpoint, old)
     before = run_dirs(cwd)
     result = run(cwd, *SIX, "--resume", str(old))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot resume" in result.stderr and "f5e0968" in result.stderr
+    assert "cannot resume" in result.stderr and "layout version None" in result.stderr
     assert run_dirs(cwd) == before
 
 
 def test_nonfinite_observations_and_rewards_are_zeroed_counted_and_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    real_step = mapush_env.VmasPushEnv.step
+    real_step = mapush_vmas.VmasPushEnv.step
 
     def poisoned_step(self, actions):
         obs, reward, done, info = real_step(self, actions)
@@ -311,7 +311,7 @@ def test_nonfinite_observations_and_rewards_are_zeroed_counted_and_training_goes
         obs[0, 1, 3], reward[1, 0] = float("nan"), float("inf")  # past the env's own checks, every step
         return obs, reward, done, info
 
-    monkeypatch.setattr(mapush_env.VmasPushEnv, "step", poisoned_step)
+    monkeypatch.setattr(mapush_vmas.VmasPushEnv, "step", poisoned_step)
     args = H.check_args(H.Args(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 5 * 3, hidden_sizes=(16,),
                                critic_hidden_sizes=(16,), actor_num_minibatches=2, critic_num_minibatches=2,
                                cuda=False))

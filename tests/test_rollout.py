@@ -8,8 +8,7 @@ import torch
 
 import happo_mapush as H
 from global_state import build_global_state
-from lifecycle import StopRequest
-from mapush_env import Scene
+from mapush_task import Scene
 
 E, A, T, HOLD = 3, 2, 4, 5  # envs, agents, decisions, env steps per decision
 AGENT_WEIGHTS = torch.tensor([1.0, 10.0])  # agent a's reward is (step + 1) * (env + 1) * weight[a]
@@ -77,13 +76,8 @@ def run_rollout(**overrides):
     args, env = args_for(**overrides), ScriptedEnv()
     m = H.build_models(args, env, torch.device("cpu"))
     buf = H.Storage.zeros(T, env, m.critic_input_dim, "cpu")
-    obs = env.observe(env.tags)
-    carry = H.Carry(obs, H.build_critic_input(args, obs, env.scene)[0], torch.zeros(E), torch.zeros(E))
-    stop = StopRequest()
-    try:
-        stats = H.rollout(args, env, m, buf, carry, stop)
-    finally:
-        stop.restore()
+    carry = H.Episodes(env.observe(env.tags), torch.zeros(E), torch.zeros(E))
+    stats = H.rollout(args, env, m, buf, carry)
     return m, buf, carry, stats
 
 
@@ -120,13 +114,14 @@ def test_a_time_out_bootstraps_from_the_state_before_the_reset():
 
 
 def test_the_critic_sees_the_post_reset_state_of_the_next_decision():
-    _, buf, carry, _ = run_rollout()
+    m, buf, _, _ = run_rollout()
     tags = torch.arange(E, dtype=torch.float32)
     for k in range(T):
         assert torch.equal(buf.critic_inputs[k], build_global_state(scene_of(tags), LAYOUT)[0])
         done = torch.tensor([(k, e) in ENDS for e in range(E)])
         tags = torch.where(done, tags + 1001, tags + 1)
-    assert torch.equal(carry.critic_input, build_global_state(scene_of(tags), LAYOUT)[0])
+    with torch.no_grad():  # the bootstrap value after the last decision is the critic's on the state after it
+        assert torch.equal(buf.next_value, m.critic(build_global_state(scene_of(tags), LAYOUT)[0]))
 
 
 def test_episode_sums_and_counts():
@@ -148,9 +143,8 @@ def test_explained_variance_is_one_minus_var_advantages_over_var_returns():
     m = H.build_models(args, env, torch.device("cpu"))
     buf = H.Storage.zeros(T, env, m.critic_input_dim, "cpu")
     m.value_norm.update(torch.tensor([[5.0], [-7.0]]))  # a normalizer far from the values GAE used
-    stats = {"episodes/count": torch.zeros(())}
     advantages, returns = torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.tensor([3.0, 1.0, 5.0, 3.0])
-    scalars = H.iteration_scalars(args, m, stats, buf, advantages, returns, {}, 0.0, 0.0)
+    scalars = H.update_stats(m, buf, advantages, returns, {}, torch.tensor(0.0), torch.tensor(0.0))
     # Var(advantages) = 1.5 - 0.25 = 1.25, Var(returns) = 11 - 9 = 2 (population): 1 - 1.25 / 2 = 0.375;
     # the values GAE used are returns - advantages = 2, 2, 3, 3.
     assert scalars["losses/explained_variance"] == pytest.approx(0.375, abs=1e-6)

@@ -7,9 +7,12 @@ import torch
 
 import happo_mapush as H
 import mapush_env as M
+import mapush_task as T
+import mapush_vmas as V
 from global_state import build_global_state
 from lifecycle import UsageError
-from mapush_env import TASKS, make_env, task_rewards
+from mapush_env import make_env
+from mapush_task import TASKS, task_rewards
 from mqe_reference import mqe_normals
 
 
@@ -40,10 +43,10 @@ def test_spawn_distributions(task):
     target = torch.linalg.vector_norm(scene.target_xy - root, dim=-1)
     assert target.min() >= 1.5 - 1e-5 and target.max() <= 3.0 + 1e-5 and target.max() > 2.99
     assert abs(torch.cos(scene.box_yaw).mean()) < 0.03 and abs(torch.sin(scene.box_yaw).mean()) < 0.03
-    mu_low, mu_high = ((f + M.GROUND_FRICTION) / 2 for f in spec.friction_range)  # PhysX's average combine
+    mu_low, mu_high = ((f + V.GROUND_FRICTION) / 2 for f in spec.friction_range)  # PhysX's average combine
     assert env.box_mu.min() >= mu_low - 1e-6 and env.box_mu.max() <= mu_high + 1e-6
     for part, entity in zip(spec.parts, env.parts):  # the links at their places around the root
-        expected = root + M.rotate(torch.tensor(part.offset).expand(4000, 2), scene.box_yaw)
+        expected = root + T.rotate(torch.tensor(part.offset).expand(4000, 2), scene.box_yaw)
         torch.testing.assert_close(entity.state.pos, expected)
 
 
@@ -55,14 +58,14 @@ def test_ocb_polygon_normals_like_mqe_on_a_lattice(task):
     gen = torch.Generator().manual_seed(0)
     points = torch.cat([torch.stack([gx.flatten(), gy.flatten()], 1).float(), torch.tensor(vertices),
                         torch.randn(4000, 2, generator=gen) * 1.5])
-    got, expected = M.nearest_face_normal(points, vertices), mqe_normals(points, vertices)
+    got, expected = T.nearest_face_normal(points, vertices), mqe_normals(points, vertices)
     assert not (got != expected).any(1).any()
     # every edge is somebody's nearest, and its normal points inward (towards the polygon's centroid)
     centroid = torch.tensor(vertices).mean(0)
     assert len(torch.unique(got, dim=0)) == len(vertices)
     start = torch.tensor(vertices)
     middle = (start + torch.roll(start, -1, 0)) / 2
-    inward = M.nearest_face_normal(middle + 0.01 * (middle - centroid), vertices)
+    inward = T.nearest_face_normal(middle + 0.01 * (middle - centroid), vertices)
     assert bool(((inward * (centroid - middle)).sum(1) > 0).all())
 
 
@@ -70,7 +73,7 @@ def place(env, box_yaw, agent_xy):
     """A hand-built scene at rest: object root at (12, 0) with yaw, target at (14, 0), agents at agent_xy."""
     E = env.num_envs
     for part, entity in zip(env.task.parts, env.parts):
-        xy = torch.tensor([12.0, 0.0]) + M.rotate(torch.tensor(part.offset), torch.tensor(box_yaw))
+        xy = torch.tensor([12.0, 0.0]) + T.rotate(torch.tensor(part.offset), torch.tensor(box_yaw))
         entity.state.pos = xy.expand(E, 2).clone()
         entity.state.rot = torch.full((E, 1), float(box_yaw))
         entity.state.vel, entity.state.ang_vel = torch.zeros(E, 2), torch.zeros(E, 1)
@@ -103,7 +106,7 @@ def mqe_rewards_three_agents(box_xy, target_xy, agents, box_yaw, task):
     """MQE's wrapper loops (go1_push_mid_wrapper.py) for the approach, collision and OCB terms, per agent."""
     reward = [0.0] * len(agents)
     for i, (x, y) in enumerate(agents):
-        d = math.sqrt((box_xy[0] - x) ** 2 + (box_xy[1] - y) ** 2 + (M.BOX_Z - M.AGENT_Z) ** 2)
+        d = math.sqrt((box_xy[0] - x) ** 2 + (box_xy[1] - y) ** 2 + (T.BOX_Z - T.AGENT_Z) ** 2)
         reward[i] += -((d + 0.5) ** 2) * 0.00075
     for i in range(len(agents)):
         for j in range(i + 1, len(agents)):
@@ -152,17 +155,17 @@ def test_the_t_blocks_links_add_up_their_impulses_as_one_rigid_body():
     bar.state.vel, stem.state.vel, stem.state.ang_vel = torch.tensor([[0.3, 0.0]]), torch.tensor([[0.0, -0.6]]), \
         torch.tensor([[0.5]])
     bar.state.pos, stem.state.pos = bar.state.pos + 0.003, stem.state.pos - 0.004  # where they drifted meanwhile
-    env._make_rigid(before, M.DT)
+    env._make_rigid(before, T.DT)
     # By hand: impulses 3 x (0.3, 0) and 3 x (0, -0.6) -> centre-of-mass velocity (0.3, -0.6); about the centre of
     # mass the bar's (at (0, -1/6)) turns +0.15, the stem's spin 0.18667 x 0.5 = 0.09333 -> omega = 0.24333 / 0.18667.
     omega = (0.15 + env.rigid_izz * 0.5) / env.rigid_izz
     assert bar.state.ang_vel.item() == pytest.approx(omega, rel=1e-5)
     assert stem.state.ang_vel.item() == bar.state.ang_vel.item()
-    com = torch.tensor([12.0, 1 / 6]) + torch.tensor([0.3, -0.6]) * M.DT
-    yaw = omega * M.DT
+    com = torch.tensor([12.0, 1 / 6]) + torch.tensor([0.3, -0.6]) * T.DT
+    yaw = omega * T.DT
     assert bar.state.rot.item() == pytest.approx(yaw, rel=1e-5)
-    torch.testing.assert_close(bar.state.pos[0], com + M.rotate(torch.tensor([0.0, -1 / 6]), torch.tensor(yaw)))
-    torch.testing.assert_close(stem.state.pos[0], com + M.rotate(torch.tensor([0.0, 1 / 3]), torch.tensor(yaw)))
+    torch.testing.assert_close(bar.state.pos[0], com + T.rotate(torch.tensor([0.0, -1 / 6]), torch.tensor(yaw)))
+    torch.testing.assert_close(stem.state.pos[0], com + T.rotate(torch.tensor([0.0, 1 / 3]), torch.tensor(yaw)))
     com_vel = (2 * bar.state.vel + stem.state.vel) / 3
     torch.testing.assert_close(com_vel[0], torch.tensor([0.3, -0.6]))
     assert float(env.rigid_error.max()) > 0.003  # the drift it removed was measured
@@ -177,7 +180,7 @@ def test_a_free_t_block_keeps_its_rigid_motion():
         link.linear_friction, link._angular_friction = 0.0, 0.0  # VMAS has no setter for the angular one
     com_vel, omega = torch.tensor([0.2, -0.1]), 0.7
     state = env._rigid_state()
-    for link, offset in zip(env.parts, M.rotate(env.part_offsets, torch.tensor(0.4))):
+    for link, offset in zip(env.parts, T.rotate(env.part_offsets, torch.tensor(0.4))):
         link.state.vel = (com_vel + omega * torch.stack([-offset[1], offset[0]])).expand(2, 2).clone()
         link.state.ang_vel = torch.full((2, 1), omega)
     for _ in range(50):
@@ -185,9 +188,9 @@ def test_a_free_t_block_keeps_its_rigid_motion():
     com, yaw, vel, spin, _, _ = env._rigid_state()
     torch.testing.assert_close(vel, com_vel.expand(2, 2))
     torch.testing.assert_close(spin, torch.full((2, 1), omega))
-    torch.testing.assert_close(yaw, torch.full((2, 1), 0.4 + 50 * omega * M.DT))
+    torch.testing.assert_close(yaw, torch.full((2, 1), 0.4 + 50 * omega * T.DT))
     # float32 positions near x = 12 m: each of the 100 substeps' additions rounds by up to half an ulp (4.8e-7 m)
-    torch.testing.assert_close(com, (state[0] + 50 * M.DT * com_vel).expand(2, 2), rtol=0, atol=1e-4)
+    torch.testing.assert_close(com, (state[0] + 50 * T.DT * com_vel).expand(2, 2), rtol=0, atol=1e-4)
     # a link moves straight within a substep, the body along an arc: the links drift by w^2 r dt^2 / 2 (0.01 mm)
     assert float(env.rigid_error.max()) < 1e-4
 
@@ -203,7 +206,7 @@ def test_a_t_block_charged_by_both_agents_stays_rigid_and_calm():
     for _ in range(200):
         s = env.scene()
         to_box = s.box_xy.unsqueeze(1) - s.agent_xy
-        forward = M.rotate(to_box / torch.linalg.vector_norm(to_box, dim=-1, keepdim=True), -s.agent_yaw)
+        forward = T.rotate(to_box / torch.linalg.vector_norm(to_box, dim=-1, keepdim=True), -s.agent_yaw)
         actions = torch.cat([2.0 * forward, torch.zeros(64, 2, 1)], -1) + 0.3 * torch.randn(64, 2, 3, generator=noise)
         env.step(actions)
         drift, spin = max(drift, float(env.rigid_error.max())), max(spin, float(env.box.state.ang_vel.abs().max()))

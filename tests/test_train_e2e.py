@@ -10,6 +10,8 @@ import torch
 
 import happo_mapush as H
 import mapush_env
+import mapush_task
+import mapush_vmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "happo_mapush.py")
@@ -166,7 +168,7 @@ def test_nan_loss_stops_after_saving_the_last_good_checkpoint(tmp_path, monkeypa
     with pytest.raises(SystemExit) as err:
         H.train(H.check_args(args))
     message = str(err.value)
-    assert "iteration 3" in message and "policy loss" in message and "checkpoint_2.pt" in message
+    assert "non-finite agent0/policy_loss, agent1/policy_loss at iteration 3" in message and "checkpoint_2.pt" in message
     saved = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint_2.pt"))
     assert len(saved) == 1
     state = H.load_checkpoint(saved[0], "cpu")
@@ -176,7 +178,7 @@ def test_nan_loss_stops_after_saving_the_last_good_checkpoint(tmp_path, monkeypa
 @pytest.mark.parametrize("random_start", [False, True])
 def test_random_episode_start_reaches_the_first_rollout(tmp_path, monkeypatch, random_start):
     monkeypatch.chdir(tmp_path)
-    real_step = mapush_env.VmasPushEnv.step
+    real_step = mapush_vmas.VmasPushEnv.step
     first_counts = []
 
     def spying_step(self, actions):
@@ -184,12 +186,12 @@ def test_random_episode_start_reaches_the_first_rollout(tmp_path, monkeypatch, r
             first_counts.append(self.step_count.clone())  # the counters the first rollout step starts from
         return real_step(self, actions)
 
-    monkeypatch.setattr(mapush_env.VmasPushEnv, "step", spying_step)
+    monkeypatch.setattr(mapush_vmas.VmasPushEnv, "step", spying_step)
     args = H.Args(num_envs=64, num_steps=4, total_timesteps=64 * 4 * 5, hidden_sizes=(16,), critic_hidden_sizes=(16,),
                   actor_num_minibatches=1, critic_num_minibatches=1, random_episode_start=random_start, cuda=False)
     H.train(H.check_args(args))
     counts = first_counts[0]
     if random_start:
-        assert counts.unique().numel() > 32 and counts.max() < mapush_env.EPISODE_STEPS
+        assert counts.unique().numel() > 32 and counts.max() < mapush_task.EPISODE_STEPS
     else:
         assert (counts == 0).all()

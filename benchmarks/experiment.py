@@ -1,4 +1,18 @@
-"""Shared by the benchmark scripts: run the trainer as a subprocess, evaluate checkpoints, read TensorBoard."""
+"""The experiment runner: train arms side by side on tasks and seeds, evaluate their checkpoints, keep the record.
+
+An arm is the default plus one change (ARMS below). Every (seed, task, arm) run trains `--parallel` at a time with
+one torch thread each, interleaved seed by seed, so that the machine's speed that hour falls on all arms alike. The
+checkpoints nearest below `--at` million env steps are evaluated with MAPush's calculator (`--eval-episodes` envs for
+each of `--eval-seeds`, averaged). Output, in `--out` (default: a new time-stamped folder under benchmarks/results/):
+`experiment.csv`, one row per run and checkpoint, and `experiment.md`, per task IQM [95 % CI], min-max and
+P(arm > first arm) per checkpoint (rliable, benchmarks/stats.py). Rerunning with the same `--out` continues: finished
+runs are kept, unfinished ones resume exactly from their newest checkpoint, so an experiment can span sessions; the
+folder's `experiment.json` fixes the settings and the trainer's defaults, and a run with others is refused.
+
+    python benchmarks/experiment.py --tasks tblock cylinder --arms happo happo_shared mappo --seeds 51 52 53 54 55 \
+        --at 10 16 20 --out benchmarks/results/tasks            # about 8 min per run on one core; 2 at a time
+    python benchmarks/experiment.py --out benchmarks/results/tasks --skip-training   # the tables only
+"""
 from __future__ import annotations
 
 import argparse
@@ -135,8 +149,8 @@ def evaluate_checkpoint(path: str, episodes: int, seed: int = EVAL_SEED) -> Tupl
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser, at: Sequence[float], seeds: Sequence[int]) -> None:
-    """The arguments of a side-by-side experiment (benchmarks/sweep.py, benchmarks/compare.py): seeds, checkpoints,
-    evaluation, parallelism, output folder, and the trainer flags for every run after `--`."""
+    """The arguments of a side-by-side experiment: seeds, checkpoints, evaluation, parallelism, output folder, and the
+    trainer flags for every run after `--`."""
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     parser.add_argument("--at", type=float, nargs="+", default=list(at), help="evaluate at these M env steps")
     parser.add_argument("--eval-episodes", type=int, default=1024)
@@ -321,3 +335,53 @@ def scalars(directory: str, tags: Sequence[str]) -> Dict[str, List[Tuple[int, fl
 def start_time(run_root: str, exp_name: str, seed: int) -> float:
     with open(os.path.join(run_root, f"{exp_name}__{seed}.start")) as f:
         return float(f.read())
+
+
+# Each arm changes one setting of the default (its flags come after the common ones, so they win).
+ARMS = {
+    "happo": [],  # the default: a separate actor per agent, sequential updates weighted by the factor
+    "happo_shared": ["--share-actor"],  # one actor (HARL's share_param), still sequential with the factor
+    "mappo": ["--share-actor", "--no-sequential"],  # one actor, one PPO update on every agent's samples
+    "happo_simultaneous": ["--no-sequential"],  # separate actors, all updated against factor 1
+    "critic_17": ["--critic-input", "global-state"],  # the fix's 17-dim state, without the object's velocity
+    "value_norm_per_minibatch": ["--value-norm-update", "per-minibatch"],  # HARL upstream
+    "critic_lr_1e-4": ["--critic-lr", "1e-4"],
+    "ent_coef_0.01": ["--ent-coef", "0.01"],
+    "anneal_lr": ["--anneal-lr"],
+}
+ENV_STEPS_PER_ITERATION = 512 * 20 * 5  # the default's num_envs x num_steps x action_repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["cuboid"], choices=["cuboid", "tblock", "cylinder"])
+    parser.add_argument("--arms", nargs="+", default=["happo"], choices=list(ARMS))
+    add_experiment_arguments(parser, at=[10, 16, 20], seeds=[51, 52, 53, 54, 55])
+    args = parser.parse_args()
+    experiment = Experiment(args, "experiment", ENV_STEPS_PER_ITERATION)
+    runs = [(seed, task, arm) for seed in args.seeds for task in args.tasks for arm in args.arms]
+    experiment.train([(f"{task}_{arm}", seed, ["--task", task] + ARMS[arm]) for seed, task, arm in runs])
+    rows = [row for seed, task, arm in runs
+            for row in experiment.evaluate(f"{task}_{arm}", seed, dict(task=task, arm=arm))]
+    experiment.write(rows, lambda every_row: report(every_row, args))
+
+
+def report(rows, args) -> str:
+    """Per task: IQM [95 % CI], min-max (n seeds) and P(arm > the first arm) per checkpoint, and the wall-clock."""
+    from stats import table
+
+    parts = [f"Eval success, MAPush's calculator on {args.eval_episodes} envs x {len(args.eval_seeds)} eval seeds; "
+             "IQM [95 % CI], min-max (n seeds), rliable.\n"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [{k: str(v) for k, v in r.items()} for r in rows if r["task"] == task]
+        arms = list(dict.fromkeys(r["arm"] for r in mine))
+        parts += [f"\n### {task}\n\n", table(mine, "arm", "eval_success", improves_on=arms[0] if len(arms) > 1 else "")]
+        walls = {arm: statistics.median(float(r["wall_clock_s_per_iteration"]) for r in mine if r["arm"] == arm)
+                 for arm in arms}
+        parts.append("\nTraining wall-clock per iteration (median over seeds, runs side by side): "
+                     + ", ".join(f"{arm} {s:.2f} s" for arm, s in walls.items()) + "\n")
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    main()
