@@ -35,12 +35,6 @@ class Args:
     """seed of the experiment (the models; rank r's envs and action sampling use seed + r)"""
     cuda: bool = True
     """if toggled, train on CUDA when it is available (under torchrun: cuda:LOCAL_RANK)"""
-    track: bool = False
-    """if toggled, also log to Weights and Biases"""
-    wandb_project_name: str = "happo-mapush"
-    """the W&B project name"""
-    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """the torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)"""
 
     task: Literal["cuboid", "tblock", "cylinder"] = "cuboid"
     """MAPush's mid-level task: a 1.2 m box and a T-block with 2 agents, a 3 m cylinder with 3"""
@@ -60,8 +54,6 @@ class Args:
     """the actors' Adam learning rate"""
     critic_lr: float = 5e-4
     """the critic's Adam learning rate"""
-    anneal_lr: bool = False
-    """if toggled, both learning rates decay linearly to 0 over the run"""
     hidden_sizes: Tuple[int, ...] = (128, 128)
     """the actors' hidden layer sizes"""
     critic_hidden_sizes: Tuple[int, ...] = (256, 256)
@@ -112,8 +104,6 @@ class Args:
 
 
 # -- networks (HARL's MLPBase and Gaussian actor) -------------------------------------------------------------------
-
-
 def layer_init(layer: nn.Linear, gain: float) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.constant_(layer.bias, 0.0)
@@ -187,8 +177,6 @@ def build_models(args: Args, env, device) -> Models:
 
 
 # -- the algorithm: GAE, the sequential HAPPO actor update, the critic update --------------------------------------
-
-
 def compute_gae(rewards, values, next_value, dones, truncated, final_values, gamma, gae_lambda, denormalize):
     """GAE over [T, E] tensors -> (advantages, returns) in raw reward units. values, next_value [E] and final_values
     are normalized (`denormalize` maps them to raw units). dones[t]: the episode ended at step t (no bootstrap from the
@@ -215,11 +203,9 @@ def happo_actor_update(actors, optimizers, obs, actions, logprobs, advantages, a
     agents before it already changed, so no turn can undo the ones before it (the monotonic improvement guarantee
     that simultaneous updates lack). Why the random order: no agent is always first (always against factor 1).
     `--no-sequential` keeps the factor at 1; `--share-actor` trains one actor on each agent's samples in turn; both
-    together are MAPPO: one turn on every agent's samples (B x A per epoch).
-    """
-    num_agents = obs.shape[1]
-    order = torch.randperm(num_agents, generator=generator).tolist()
-    turns = [list(range(num_agents))] if args.share_actor and not args.sequential else [[agent] for agent in order]
+    together are MAPPO: one turn on every agent's samples (B x A per epoch)."""
+    order = torch.randperm(obs.shape[1], generator=generator).tolist()
+    turns = [sorted(order)] if args.share_actor and not args.sequential else [[agent] for agent in order]
     # HARL's EP advantage normalization: once over the whole batch, population std, not including the factor.
     advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-5)
     factor, stats, factors = torch.ones_like(advantages), {}, {}
@@ -293,8 +279,6 @@ def critic_update(critic, optimizer, value_norm, critic_inputs, old_values, retu
 
 
 # -- rollout ---------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Storage:
     """One rollout, time-major like HARL's buffers (T decisions x E envs x A agents)."""
@@ -327,8 +311,7 @@ class Episodes:
 
 @torch.no_grad()
 def rollout(args: Args, env, m: Models, buf: Storage, episodes: Episodes) -> Dict[str, torch.Tensor]:
-    """One rollout of `args.num_steps` decisions per env into `buf`, continuing `episodes` (updated in place).
-    Returns its statistics by name: sums over the rollout, on the device."""
+    """`args.num_steps` decisions per env into `buf`, continuing `episodes` in place; returns summed statistics."""
     stats: Dict[str, torch.Tensor] = {}
     critic_input, _ = build_critic_input(args, episodes.obs, env.scene)
     for step in range(args.num_steps):
@@ -371,7 +354,7 @@ def rollout(args: Args, env, m: Models, buf: Storage, episodes: Episodes) -> Dic
 
 
 def update_stats(m: Models, buf: Storage, advantages, returns, actor_stats, value_loss, grad_norm) -> Dict:
-    """This iteration's diagnostics by name (on the device; the run averages them over ranks)."""
+    """This iteration's diagnostics by name, on the device (the run averages them over ranks)."""
     vn_mean, vn_var = m.value_norm.mean_var()
     stats = {  # explained variance = 1 - Var(advantages) / Var(returns), from the values GAE used
         "losses/explained_variance": 1.0 - advantages.var(unbiased=False) / returns.var(unbiased=False).clamp(min=1e-8),
@@ -379,17 +362,13 @@ def update_stats(m: Models, buf: Storage, advantages, returns, actor_stats, valu
         "diagnostics/returns_mean": returns.mean(), "diagnostics/returns_std": returns.std(unbiased=False),
         "diagnostics/values_mean": (returns - advantages).mean(), "diagnostics/rewards_mean": buf.rewards.mean(),
         "diagnostics/advantages_std": advantages.std(unbiased=False), "diagnostics/value_norm_mean": vn_mean[0],
-        "diagnostics/value_norm_std": vn_var[0].sqrt(),
-        "charts/learning_rate": m.actor_optimizers[0].param_groups[0]["lr"],
-        "charts/critic_learning_rate": m.critic_optimizer.param_groups[0]["lr"]}
+        "diagnostics/value_norm_std": vn_var[0].sqrt()}
     for agent, agent_stats in actor_stats.items():
         stats.update({f"agent{agent}/{name}": value for name, value in agent_stats.items()})
     return stats
 
 
 # -- training --------------------------------------------------------------------------------------------------
-
-
 def train(args: Args) -> str:
     """Train with `args`; returns the path of the final checkpoint (on rank 0; "" on the other ranks)."""
     with Run(args) as run:  # torchrun's process group, seeding, resume checks, the run folder, stop signals
@@ -399,61 +378,42 @@ def train(args: Args) -> str:
         obs = env.reset()
         if args.random_episode_start:
             env.randomize_episode_start()
-        episodes = Episodes(sanitize(obs)[0], torch.zeros(args.num_envs, device=run.device),
-                            torch.zeros(args.num_envs, device=run.device))
+        zeros = torch.zeros(args.num_envs, device=run.device)
+        episodes = Episodes(sanitize(obs)[0], zeros, zeros.clone())
         run.start(m, env, episodes)  # a resumed run's state goes into m, env and episodes
         buf = Storage.zeros(args.num_steps, env, m.critic_input_dim, run.device)
         for iteration in run.iterations():
-            if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / run.num_iterations
-                for optimizer in m.actor_optimizers:
-                    optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-                m.critic_optimizer.param_groups[0]["lr"] = frac * args.critic_lr
             stats = rollout(args, env, m, buf, episodes)
             advantages, returns = compute_gae(buf.rewards, buf.values, buf.next_value, buf.dones, buf.truncated,
                                               buf.final_values, args.gamma, args.gae_lambda, m.value_norm.denormalize)
-            # The actors in turn (HAPPO), then the critic.
-            actor_stats, _ = happo_actor_update(actors, m.actor_optimizers, buf.obs.flatten(0, 1),
-                                                buf.actions.flatten(0, 1), buf.logprobs.flatten(0, 1),
-                                                advantages.flatten(), args, run.order_rng)
-            value_loss, grad_norm = critic_update(critic, m.critic_optimizer, m.value_norm,
-                                                  buf.critic_inputs.flatten(0, 1), buf.values.flatten(),
-                                                  returns.flatten(), args)
+            actor_stats, _ = happo_actor_update(  # the actors in turn (HAPPO), then the critic
+                actors, m.actor_optimizers, buf.obs.flatten(0, 1), buf.actions.flatten(0, 1),
+                buf.logprobs.flatten(0, 1), advantages.flatten(), args, run.order_rng)
+            value_loss, grad_norm = critic_update(critic, m.critic_optimizer, m.value_norm, buf.critic_inputs.flatten(
+                0, 1), buf.values.flatten(), returns.flatten(), args)
             run.end_iteration(iteration, stats, update_stats(m, buf, advantages, returns, actor_stats, value_loss,
                                                              grad_norm))
     return run.path
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
-
-
-def mean_actions(actors, obs: torch.Tensor) -> torch.Tensor:
-    """The deterministic actions [E, A, act_dim] for observations [E, A, obs_dim] (a single actor: shared)."""
-    return torch.stack([actors[i % len(actors)](obs[:, i]).mean for i in range(obs.shape[1])], dim=1)
-
-
-def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
-    """The actors of a loaded checkpoint, rebuilt as its run's flags describe them."""
-    actors = [Actor(env.obs_dim, env.action_dim, checkpoint["args"]["hidden_sizes"]).to(device)
-              for _ in checkpoint["actors"]]  # one per agent, or one shared
-    for actor, state in zip(actors, checkpoint["actors"]):
-        actor.load_state_dict(state)
-    return actors
-
-
 def policy_env(saved: dict, num_envs: int, device, seed: int):
     """The env a run's policies act in, as its flags describe it (a checkpoint's "args")."""
     return make_env(saved["env_backend"], num_envs, device, seed, saved["task"], saved["action_repeat"])
 
 
-def evaluate_checkpoint(args: Args) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    checkpoint = load_checkpoint(args.eval_checkpoint, device)
-    env = policy_env(checkpoint["args"], args.eval_episodes, device, args.seed)
-    actors = trained_actors(checkpoint, env, device)
-    success_rate, completion = evaluate(lambda obs: mean_actions(actors, obs), env)
-    print(f"eval {args.eval_checkpoint}: success rate {success_rate:.3f} over {args.eval_episodes} episodes, "
-          f"mean completion time {completion:.2f} s (failures count as 20 s)")
+def trained_actors(checkpoint: dict, env, device="cpu") -> List[Actor]:
+    """The actors of a loaded checkpoint: one per agent, or one shared."""
+    hidden_sizes = checkpoint["args"]["hidden_sizes"]
+    actors = [Actor(env.obs_dim, env.action_dim, hidden_sizes).to(device) for _ in checkpoint["actors"]]
+    for actor, state in zip(actors, checkpoint["actors"]):
+        actor.load_state_dict(state)
+    return actors
+
+
+def mean_actions(actors, obs: torch.Tensor) -> torch.Tensor:
+    """The deterministic actions [E, A, act_dim] for observations [E, A, obs_dim] (a single actor: shared)."""
+    return torch.stack([actors[i % len(actors)](obs[:, i]).mean for i in range(obs.shape[1])], dim=1)
 
 
 def main() -> int:
@@ -467,7 +427,13 @@ def main() -> int:
             if path:  # rank 0
                 print(f"checkpoint: {path}")
         elif int(os.environ.get("RANK", "0")) == 0:  # under torchrun one process evaluates
-            evaluate_checkpoint(args)
+            device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+            checkpoint = load_checkpoint(args.eval_checkpoint, device)
+            env = policy_env(checkpoint["args"], args.eval_episodes, device, args.seed)
+            actors = trained_actors(checkpoint, env, device)
+            success_rate, completion = evaluate(lambda obs: mean_actions(actors, obs), env)
+            print(f"eval {args.eval_checkpoint}: success rate {success_rate:.3f} over {args.eval_episodes} episodes, "
+                  f"mean completion time {completion:.2f} s (failures count as 20 s)")
     except (UsageError, BackendUnavailable) as err:  # bad flags, files or installs: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import torch.distributed as dist
 # Experiments removed after they showed no measurable effect (docs/results.md has their results and the commit that
 # still has them): a checkpoint that used one cannot be rebuilt by this code and is refused.
 RETIRED = {"tanh_mean": (False, "0aee1c9"), "input_norm": ("layernorm", "0aee1c9"), "std_max": (0.5, "0aee1c9"),
-           "obs_stack": (1, "0aee1c9"), "actor_input": ("obs", "51e6216")}
+           "obs_stack": (1, "0aee1c9"), "actor_input": ("obs", "51e6216"), "anneal_lr": (False, "51e6216")}
 RETIRED_CHOICES = {"critic_input": ("global-state-vel", "51e6216")}
 # Flags added since: the value a checkpoint without them ran with.
 ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}
@@ -51,16 +51,17 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
-def init_distributed(cuda: bool, backend: str = "auto") -> torch.device:
-    """Join torchrun's process group when launched by it (nccl on CUDA, gloo on CPU unless `backend` says);
-    returns this process's device: cuda:LOCAL_RANK on CUDA."""
-    cuda = cuda and torch.cuda.is_available()  # more processes than GPUs share them round-robin (gloo only)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(torch.cuda.device_count(), 1)}"
-                          if cuda else "cpu")
+def init_distributed(cuda: bool) -> torch.device:
+    """Join torchrun's process group when launched by it; returns this process's device: cuda:LOCAL_RANK on CUDA.
+    nccl wants a GPU per process: with more processes than GPUs on a node they share them round-robin over gloo,
+    which is also the CPU's backend."""
+    cuda = cuda and torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(gpus, 1)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend if backend != "auto" else ("nccl" if cuda else "gloo"))
+        dist.init_process_group("nccl" if cuda and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= gpus else "gloo")
     return device
 
 
@@ -327,10 +328,10 @@ def hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-# The flags a resume may change, as they cannot change what the run computes (--total-timesteps too, unless
-# --anneal-lr spreads its schedule over it); every other flag must match the checkpoint.
-RESUME_FREE = ("exp_name", "track", "wandb_project_name", "log_interval", "save_interval", "resume",
-               "eval_checkpoint", "eval_episodes")
+# The flags a resume may change, as they cannot change what the run computes; every other flag must match the
+# checkpoint.
+RESUME_FREE = ("exp_name", "log_interval", "save_interval", "resume", "eval_checkpoint", "eval_episodes",
+               "total_timesteps")
 
 
 def resume_problem(path: str, current: dict, world: int, num_iterations: int):
@@ -339,8 +340,7 @@ def resume_problem(path: str, current: dict, world: int, num_iterations: int):
         checkpoint = load_checkpoint(path, "cpu")
     except UsageError as err:
         return str(err)
-    free = RESUME_FREE if current["anneal_lr"] else RESUME_FREE + ("total_timesteps",)
-    differ = resume_differences(checkpoint["args"], current, free)
+    differ = resume_differences(checkpoint["args"], current, RESUME_FREE)
     if differ:
         return f"--resume {path}: these flags differ from the checkpoint's run: {', '.join(differ)}"
     if "ranks" not in checkpoint or checkpoint["world_size"] != world:
@@ -395,16 +395,9 @@ def restore(run: "Run", checkpoint: dict) -> None:
 
 
 def open_writer(flags: dict, run_dir: str, continuing: bool, global_step: int):
-    """TensorBoard (and W&B with --track); a continued run hides whatever was logged after its checkpoint."""
+    """TensorBoard; a continued run hides whatever was logged after its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
-    if flags["track"]:
-        try:
-            import wandb
-        except ImportError:
-            raise UsageError("--track logs to Weights and Biases: pip install wandb") from None
-        wandb.init(project=flags["wandb_project_name"], sync_tensorboard=True, config=flags,
-                   name=os.path.basename(run_dir), save_code=True, resume="allow")
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if continuing else None)
     if not continuing:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
@@ -450,7 +443,7 @@ class Run:
 
     def __init__(self, args):
         self.args, self.flags, self.defaults = args, args_dict(args), args_dict(type(args)())
-        self.device = init_distributed(args.cuda, args.dist_backend)
+        self.device = init_distributed(args.cuda)
         self.world, self.rank = world_size(), rank()
         self.per_iteration = args.num_envs * args.num_steps * args.action_repeat * self.world  # env steps, all ranks
         self.num_iterations = args.total_timesteps // self.per_iteration  # >= 1: check_args
@@ -492,7 +485,7 @@ class Run:
         self.models, self.env, self.episodes = models, env, episodes
         if self.checkpoint is not None:
             restore(self, self.checkpoint)
-        # Rank 0 opens (and locks) the run folder, TensorBoard (W&B) and prints the start-up line; a refusal stops all.
+        # Rank 0 opens (and locks) the run folder, TensorBoard and prints the start-up line; a refusal stops all.
         problem = None
         if self.rank == 0:
             name = f"mapush_{self.flags['env_backend']}__{self.flags['exp_name']}__{self.flags['seed']}"

@@ -290,7 +290,7 @@ def trainer_defaults() -> dict:
 
     import happo_mapush as H
 
-    ignored = {"exp_name", "seed", "cuda", "track", "wandb_project_name", "log_interval", "save_interval", "resume",
+    ignored = {"exp_name", "seed", "cuda", "log_interval", "save_interval", "resume",
                "eval_checkpoint", "eval_episodes", "total_timesteps"}
     return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(H.Args()))).items() if k not in ignored}
 
@@ -347,7 +347,6 @@ ARMS = {
     "value_norm_per_minibatch": ["--value-norm-update", "per-minibatch"],  # HARL upstream
     "critic_lr_1e-4": ["--critic-lr", "1e-4"],
     "ent_coef_0.01": ["--ent-coef", "0.01"],
-    "anneal_lr": ["--anneal-lr"],
 }
 ENV_STEPS_PER_ITERATION = 512 * 20 * 5  # the default's num_envs x num_steps x action_repeat
 

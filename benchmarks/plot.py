@@ -1,9 +1,10 @@
 """Learning curves with 95 % CI bands and a performance profile, from a results CSV (rliable's estimators and plots).
 
-Reads a CSV with one row per run and checkpoint (benchmarks/experiment.py's experiment.csv): a group column (`arm`, or `task`), `seed`, `env_steps` and the value (`eval_success`). Draws, per
-group, the IQM over seeds against env steps with its 95 % bootstrap CI band, and the performance profile at the last
-checkpoint (the fraction of runs whose success exceeds tau, with CI bands). Writes curves.png and profile.png into a
-new benchmarks/results/plot_<time> folder unless `--out` names one.
+Reads a CSV with one row per run and checkpoint (benchmarks/experiment.py's experiment.csv): a group column
+(`arm`, or `task`), `seed`, `env_steps` and the value (`eval_success`). Draws, per group, the IQM over seeds against
+env steps with its 95 % bootstrap CI band, and the performance profile at the last checkpoint (the fraction of runs
+whose success exceeds tau, with CI bands). Writes curves.png and profile.png into a new
+benchmarks/results/plot_<time> folder unless `--out` names one.
 
     python benchmarks/plot.py benchmarks/results/tasks/experiment.csv --where task=cylinder --out OUT
 """

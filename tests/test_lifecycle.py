@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import happo_mapush as H
+from lifecycle import checkpoint_iterations
 import mapush_vmas
 from checkpoint_tensors import learned_state, same
 
@@ -190,15 +191,16 @@ def test_resume_refuses_a_changed_experiment_and_names_the_flag(reference, chang
     assert run_dirs(cwd) == before
 
 
-def test_resume_allows_a_larger_budget_but_not_with_annealing(tmp_path):
-    result = run(tmp_path, *TINY, "--total-timesteps", "1280", "--anneal-lr")
+def test_resume_allows_a_larger_budget_and_says_when_there_is_nothing_to_train(tmp_path):
+    result = run(tmp_path, *TINY, "--total-timesteps", "1280")
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(tmp_path)
     last = os.path.join(run_dir, "checkpoint_2.pt")
-    result = run(tmp_path, *TINY, "--total-timesteps", "1920", "--anneal-lr", "--resume", last)
-    assert result.returncode == 2 and "--total-timesteps 1920 (saved 1280)" in result.stderr
-    result = run(tmp_path, *TINY, "--total-timesteps", "1280", "--anneal-lr", "--resume", last)
+    result = run(tmp_path, *TINY, "--total-timesteps", "1280", "--resume", last)
     assert result.returncode == 2 and "nothing to train" in result.stderr and "checkpoint_2.pt" in result.stderr
+    result = run(tmp_path, *TINY, "--total-timesteps", "1920", "--resume", last)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint_iterations(run_dir)[-1] == 3  # the run went on in its own folder
 
 
 def main_in_process(monkeypatch, capsys, cwd, *flags):
