@@ -93,7 +93,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoints_and_no_truncated_f
         assert H.load_checkpoint(os.path.join(run_dir, f"checkpoint_{iteration}.pt"), "cpu")["iteration"] == iteration
     assert [n for n in names if n.endswith(".tmp")] == [f".checkpoint_3.pt.{proc.pid}.tmp"]  # hidden, never loaded
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from common import checkpoints
+    from experiment import checkpoints
 
     assert [i for i, _ in checkpoints(run_dir)] == [1, 2]  # what the benchmark scripts read
 
