@@ -7,6 +7,7 @@ Every mode prints one markdown table. Configurations that are compared run in th
     python benchmarks/throughput.py train                     # training env-steps/s per CPU second, one process
     python benchmarks/throughput.py train --against /tmp/old  # the same for another checkout (git worktree), alternated
     python benchmarks/throughput.py scaling                   # 1 process x 1 thread against torchrun x cores
+    python benchmarks/throughput.py scaling --against /tmp/old  # the same for another checkout, alternated
     python benchmarks/throughput.py scaling --gpus 1 2 4 8    # a GPU machine: one process per GPU, nccl
     python benchmarks/throughput.py gpu                       # the checks that need a GPU (about 5 min); --smoke: CPU
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iterations", type=int, default=10, help="train/scaling: iterations at the defaults")
     parser.add_argument("--rounds", type=int, default=3, help="alternate the configurations this many times")
-    parser.add_argument("--against", help="train: another checkout (a git worktree of an earlier commit)")
+    parser.add_argument("--against", help="train, scaling: another checkout (a git worktree of an earlier commit)")
     parser.add_argument("--gpus", type=int, nargs="+", help="scaling: GPU counts (one process per GPU)")
     parser.add_argument("--smoke", action="store_true", help="gpu: tiny sizes, to check the script runs anywhere")
     args = parser.parse_args()
@@ -110,12 +111,17 @@ def main() -> None:
         cores = os.cpu_count() or 2
         configs = [(g, 1) for g in args.gpus] if args.gpus else [(1, 1), (cores, 1)]
         flags = ["--cuda" if args.gpus else "--no-cuda"]
+        checkouts = {"": ROOT, **({f", {args.against}": args.against} if args.against else {})}
         for _ in range(args.rounds):
-            for p, t in configs:  # --num-envs is per process: p processes step p x 512 envs
-                rows.setdefault(f"{p} process(es) x {t} thread", []).append(trainer(p, t, flags, p * steps)[0])
+            for suffix, checkout in checkouts.items():
+                for p, t in configs:  # --num-envs is per process: p processes step p x 512 envs
+                    rows.setdefault(f"{p} process(es) x {t} thread{suffix}", []).append(
+                        trainer(p, t, flags, p * steps, checkout)[0])
         table("configuration", rows, "env-steps/s (wall-clock, all processes)")
-        base = statistics.median(next(iter(rows.values())))
-        print("\n" + "\n".join(f"{name}: {statistics.median(v) / base:.2f}x" for name, v in rows.items()))
+        for suffix in checkouts:
+            mine = {name: statistics.median(v) for name, v in rows.items() if name.endswith(suffix or "thread")}
+            base = next(iter(mine.values()))
+            print("\n" + "\n".join(f"{name}: {sps / base:.2f}x" for name, sps in mine.items()))
     else:
         gpu_check(args.smoke)
 
