@@ -389,8 +389,9 @@ def train(args: Args) -> str:
             actor_stats, _ = happo_actor_update(  # the actors in turn (HAPPO), then the critic
                 actors, m.actor_optimizers, buf.obs.flatten(0, 1), buf.actions.flatten(0, 1),
                 buf.logprobs.flatten(0, 1), advantages.flatten(), args, run.order_rng)
-            value_loss, grad_norm = critic_update(critic, m.critic_optimizer, m.value_norm, buf.critic_inputs.flatten(
-                0, 1), buf.values.flatten(), returns.flatten(), args)
+            value_loss, grad_norm = critic_update(
+                critic, m.critic_optimizer, m.value_norm, buf.critic_inputs.flatten(0, 1), buf.values.flatten(),
+                returns.flatten(), args)
             run.end_iteration(iteration, stats, update_stats(m, buf, advantages, returns, actor_stats, value_loss,
                                                              grad_norm))
     return run.path
