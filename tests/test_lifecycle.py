@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import happo_mapush as H
+import lifecycle
 from lifecycle import checkpoint_iterations
 import mapush_vmas
 from checkpoint_tensors import learned_state, same
@@ -328,3 +329,29 @@ def test_nonfinite_observations_and_rewards_are_zeroed_counted_and_training_goes
     assert [e.value for e in acc.Scalars("diagnostics/nonfinite_obs")] == [16] * 3
     # the critic's global state is built from the env's own scene, which stayed finite
     assert [e.value for e in acc.Scalars("diagnostics/nonfinite_state")] == [0] * 3
+
+
+def test_in_one_process_the_run_adds_nothing_to_the_algorithm(tmp_path, monkeypatch):
+    # the update functions get the modules themselves and torch's global generator: plain single-process torch
+    monkeypatch.chdir(tmp_path)
+    args = H.check_args(H.Args(num_envs=8, num_steps=10, total_timesteps=400, hidden_sizes=(16,),
+                               critic_hidden_sizes=(16,), cuda=False))
+    with lifecycle.Run(args) as run:
+        module = torch.nn.Linear(2, 2)
+        assert run.wrap(module) is module and run.order_rng is torch.default_generator
+        assert (run.world, run.rank, run.seed, run.num_iterations) == (1, 0, args.seed, 1)
+
+
+def test_the_run_sums_counts_averages_the_rest_and_turns_episode_counts_into_rates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = H.check_args(H.Args(num_envs=8, num_steps=10, action_repeat=5, total_timesteps=400, cuda=False))
+    with lifecycle.Run(args) as run:
+        sums = {"episodes/count": torch.tensor(4), "episodes/return": torch.tensor(10.0),
+                "episodes/length": torch.tensor(2000.0), "episodes/success": torch.tensor(3),
+                "episodes/exception": torch.tensor(1), "episodes/time_out": torch.tensor(0),
+                "rewards/push": torch.tensor(8.0), "diagnostics/nonfinite_obs": torch.tensor(2)}
+        scalars = run.reduce(sums, {"losses/value_loss": torch.tensor(0.25), "agent1/ratio": 1.5})
+    assert scalars == {"charts/episodes": 4.0, "charts/episodic_return": 2.5, "charts/episodic_length": 500.0,
+                       "charts/success_rate": 0.75, "charts/exception_rate": 0.25, "charts/time_out_rate": 0.0,
+                       "rewards/push": 8.0 / (8 * 10 * 5), "diagnostics/nonfinite_obs": 2.0,
+                       "losses/value_loss": 0.25, "agent1/ratio": 1.5}
