@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU (skipped without one): `python -m pytest -m cuda tests/`, or benchmarks/gpu_check.py."""
+"""Checks that need a CUDA GPU (skipped without one): `python -m pytest -m cuda tests/` or
+`python benchmarks/throughput.py gpu`."""
 import glob
 import os
 
