@@ -7,4 +7,4 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without; python benchmarks/throughput.py gpu runs them)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without; throughput.py gpu runs them)")

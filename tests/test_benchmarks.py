@@ -119,7 +119,7 @@ def test_a_folder_refuses_to_continue_after_the_trainers_default_changed(tmp_pat
 
 
 def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
-    # the runner's training column once read 0.00 s per iteration for one-iteration runs (no interval between two events)
+    # the runner's training column once read 0.00 s per iteration for one-iteration runs (no two events to time)
     import time
 
     from torch.utils.tensorboard import SummaryWriter
