@@ -134,3 +134,22 @@ def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
         writer.add_scalar("losses/value_loss", 0.5, i, walltime=created + t)
     writer.close()
     assert experiment.training_seconds(str(tmp_path / "many")) == pytest.approx(9.0, abs=1e-3)
+
+
+def test_same_seed_finds_any_difference_and_none_between_two_runs_of_this_checkout():
+    import copy
+
+    import torch
+
+    import same_seed
+
+    a, b = (same_seed.final_checkpoint(same_seed.ROOT, same_seed.TINY) for _ in range(2))
+    assert same_seed.differences(a, b) == []  # the same seed twice on one machine: bit-identical
+    critic, envs = copy.deepcopy(a), copy.deepcopy(a)
+    critic["critic"][next(iter(critic["critic"]))].view(-1)[0] += 1e-7
+    envs["ranks"][0]["env"]["bodies"]["box"][0].view(-1)[0] += 1e-6
+    assert same_seed.differences(a, critic) == ["networks, optimizers or ValueNorm"]
+    assert same_seed.differences(a, envs) == ["the envs"]
+    rng = copy.deepcopy(a)
+    rng["ranks"][0]["rng"]["torch"] = torch.zeros_like(rng["ranks"][0]["rng"]["torch"])
+    assert same_seed.differences(a, rng) == ["the RNG state"]
