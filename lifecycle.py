@@ -197,7 +197,8 @@ def load_checkpoint(path: str, device) -> dict:
     used = checkpoint["args"]
     retired = [(name, commit) for name, (value, commit) in RETIRED.items() if used.get(name, value) != value]
     retired += [(name, commit) for name, (value, commit) in RETIRED_CHOICES.items() if used.get(name) == value]
-    for name, commit in retired:
+    if retired:
+        name, commit = retired[0]
         raise UsageError(f"{path} uses {flag(name, used[name])}, an experiment removed after commit {commit} "
                          f"(docs/results.md); evaluate it with that commit")
     return checkpoint
