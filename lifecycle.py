@@ -29,11 +29,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-# Experiments removed after they showed no measurable effect (docs/results.md has their results and the commit that
-# still has them): a checkpoint that used one cannot be rebuilt by this code and is refused.
-RETIRED = {"tanh_mean": (False, "0aee1c9"), "input_norm": ("layernorm", "0aee1c9"), "std_max": (0.5, "0aee1c9"),
-           "obs_stack": (1, "0aee1c9"), "actor_input": ("obs", "51e6216"), "anneal_lr": (False, "51e6216")}
-RETIRED_CHOICES = {"critic_input": ("global-state-vel", "51e6216")}
+# Flags of experiments that left the script (no measurable effect, or never measured): a checkpoint that used one
+# cannot be rebuilt by this code and is refused. The only value this code still runs, per removed flag, and the
+# removed choices of flags that stay; docs/results.md ("Removed experiments") names the code that has each.
+RETIRED = {"tanh_mean": False, "input_norm": "layernorm", "std_max": 0.5, "obs_stack": 1, "actor_input": "obs",
+           "anneal_lr": False}
+RETIRED_CHOICES = {"critic_input": "global-state-vel"}
 # Flags added since: the value a checkpoint without them ran with.
 ADDED = {"action_repeat": 1, "task": "cuboid", "share_actor": False}
 CHECKPOINT_KEYS = {"actors", "critic", "actor_optimizers", "critic_optimizer", "value_norm", "iteration",
@@ -195,12 +196,11 @@ def load_checkpoint(path: str, device) -> dict:
         raise UsageError(f"corrupt checkpoint {path}: not a happo_mapush checkpoint")
     checkpoint["args"] = {**ADDED, **checkpoint["args"]}  # an older checkpoint ran with what these flags now default to
     used = checkpoint["args"]
-    retired = [(name, commit) for name, (value, commit) in RETIRED.items() if used.get(name, value) != value]
-    retired += [(name, commit) for name, (value, commit) in RETIRED_CHOICES.items() if used.get(name) == value]
+    retired = [name for name, value in RETIRED.items() if used.get(name, value) != value]
+    retired += [name for name, value in RETIRED_CHOICES.items() if used.get(name) == value]
     if retired:
-        name, commit = retired[0]
-        raise UsageError(f"{path} uses {flag(name, used[name])}, an experiment removed after commit {commit} "
-                         f"(docs/results.md); evaluate it with that commit")
+        raise UsageError(f"{path} uses {flag(retired[0], used[retired[0]])}, an experiment this code no longer has; "
+                         f"docs/results.md (Removed experiments) names the commit to evaluate or resume it with")
     return checkpoint
 
 

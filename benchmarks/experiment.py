@@ -6,7 +6,7 @@ checkpoints nearest below `--at` million env steps are evaluated with MAPush's c
 each of `--eval-seeds`, averaged). Output, in `--out` (default: a new time-stamped folder under benchmarks/results/):
 `experiment.csv`, one row per run and checkpoint, and `experiment.md`, per task IQM [95 % CI], min-max and
 P(arm > first arm) per checkpoint (rliable, benchmarks/stats.py). Rerunning with the same `--out` continues: finished
-runs are kept, unfinished ones resume exactly from their newest checkpoint, so an experiment can span sessions; the
+runs are kept, unfinished ones resume exactly from their newest checkpoint, so an interrupted experiment goes on; the
 folder's `experiment.json` fixes the settings and the trainer's defaults, and a run with others is refused.
 
     python benchmarks/experiment.py --tasks tblock cylinder --arms happo happo_shared mappo --seeds 51 52 53 54 55 \
@@ -36,8 +36,8 @@ sys.path.insert(0, ROOT)
 
 def start_training(run_root: str, exp_name: str, seed: int, flags: Sequence[str], threads: int) -> subprocess.Popen:
     """Start `happo_mapush.py` in `run_root` (its runs/ folder lands there); stdout goes to a log file. A run of the
-    same name and seed that has checkpoints there continues from its newest one (a benchmark cut short by the end of
-    a session continues exactly where it stopped)."""
+    same name and seed that has checkpoints there continues from its newest one (a benchmark that was killed
+    continues exactly where it stopped)."""
     os.makedirs(run_root, exist_ok=True)
     newest = newest_checkpoint(run_root, exp_name, seed)
     log = open(os.path.join(run_root, f"{exp_name}__{seed}.log"), "a")
@@ -169,9 +169,9 @@ class Experiment:
     that already reached the last one are not trained again, unfinished ones continue from their newest checkpoint.
     The folder is one experiment, and its `<name>.csv` is its record: every write merges the new rows into it (under a
     lock, so several processes can train into one folder), and a run whose checkpoints are not on this machine (a
-    folder committed or copied from another session) keeps its recorded rows instead of training again. The settings
-    that decide the numbers (`--at`, the evaluation, the trainer flags) are fixed in `experiment.json` by the first
-    run; a later one with other settings is refused, so one table never mixes two experiments."""
+    folder committed to git or copied from another machine) keeps its recorded rows instead of training again. The
+    settings that decide the numbers (`--at`, the evaluation, the trainer flags) are fixed in `experiment.json` by the
+    first run; a later one with other settings is refused, so one table never mixes two experiments."""
 
     def __init__(self, args: argparse.Namespace, name: str, steps_per_iteration: int):
         if args.skip_training and not args.out:

@@ -6,7 +6,7 @@ envs. A refactor that keeps every random stream and every floating-point operati
 every variant; then the tables measured before it hold for it. The same machine, torch build and thread count are
 needed (a run is bit-identical only there).
 
-    git worktree add --detach /tmp/before 51e6216
+    git worktree add --detach /tmp/before COMMIT                     # the code before the change
     python benchmarks/same_seed.py /tmp/before                       # the default at full size, 3 iterations
     python benchmarks/same_seed.py /tmp/before --tiny --variant= --variant="--share-actor" \
         --variant="--share-actor --no-sequential" --variant="--task cylinder --value-norm-update per-minibatch"

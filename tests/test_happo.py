@@ -319,7 +319,7 @@ def test_shared_happo_factor_is_the_first_agents_joint_ratio_under_the_shared_ac
 @pytest.mark.parametrize("flag, value", [("actor_input", "obs-cos-sin"), ("critic_input", "global-state-vel"),
                                          ("std_max", 1.0)])
 def test_a_checkpoint_of_a_removed_experiment_is_refused_in_one_line(tmp_path, monkeypatch, flag, value):
-    # the removed flags' checkpoints cannot be rebuilt by this code: refused, naming the commit that still has them
+    # the removed flags' checkpoints cannot be rebuilt by this code: refused, pointing to where the code is
     monkeypatch.chdir(tmp_path)
     args = H.check_args(H.Args(num_envs=8, num_steps=10, total_timesteps=400, hidden_sizes=(16,),
                                critic_hidden_sizes=(16,), cuda=False))
@@ -327,9 +327,8 @@ def test_a_checkpoint_of_a_removed_experiment_is_refused_in_one_line(tmp_path, m
     state = torch.load(path, weights_only=True)
     state["args"][flag] = value
     torch.save(state, tmp_path / "old.pt")
-    commit = "0aee1c9" if flag == "std_max" else "51e6216"
-    with pytest.raises(H.UsageError, match=f"uses --{flag.replace('_', '-')} {value}, an experiment removed after "
-                                           f"commit {commit}"):
+    with pytest.raises(H.UsageError, match=f"uses --{flag.replace('_', '-')} {value}, an experiment this code no "
+                                           "longer has; docs/results.md .Removed experiments. names the commit"):
         H.load_checkpoint(str(tmp_path / "old.pt"), "cpu")
     state["args"][flag] = {"actor_input": "obs", "critic_input": "global-state-full", "std_max": 0.5}[flag]
     torch.save(state, tmp_path / "fine.pt")
