@@ -36,7 +36,10 @@ def only_run_dir(cwd):
 
 
 def test_two_ranks_hold_identical_models_and_explore_differently(tmp_path):
-    result = run(tmp_path, 2, *TINY, "--total-timesteps", str(3 * 2 * ITERATION), HOOK_DUMP_STATE=tmp_path)
+    # three agents: ranks that drew their agent orders apart (1 in 6 per iteration alike) would train different
+    # actors at the same time, and DDP would average one actor's gradients into another's
+    result = run(tmp_path, 2, *TINY, "--task", "cylinder", "--total-timesteps", str(3 * 2 * ITERATION),
+                 HOOK_DUMP_STATE=tmp_path)
     assert result.returncode == 0, result.stderr
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 3
@@ -60,11 +63,25 @@ def test_two_ranks_with_one_seed_reproduce_one_process_exactly(tmp_path):
     assert run(one, 1, *TINY, "--total-timesteps", str(3 * ITERATION)).returncode == 0
     result = run(two, 2, *TINY, "--total-timesteps", str(3 * 2 * ITERATION), HOOK_SAME_SEED=1)
     assert result.returncode == 0, result.stderr
-    # identical data on both ranks: the averaged gradients, the global advantage moments and ValueNorm statistics
-    # equal one process's exactly, so any double count or missing sync shows here
+    # identical data on both ranks: the averaged gradients, the advantage moments and ValueNorm statistics equal one
+    # process's exactly, so any double count or missing sync shows here
     paths = [os.path.join(only_run_dir(d), "checkpoint_3.pt") for d in (one, two)]
     states = [torch.load(p, weights_only=True) for p in paths]
     assert same(learned_state(states[0]), learned_state(states[1]))
+    # and the logs: counts summed over ranks, rates and averages as one process's
+    logs = [scalars(only_run_dir(d)) for d in (one, two)]
+    assert logs[1]["charts/episodes"] == [2 * n for n in logs[0]["charts/episodes"]] and sum(logs[0]["charts/episodes"])
+    for tag in ("charts/success_rate", "charts/episodic_length", "losses/value_loss", "agent1/policy_loss",
+                "rewards/push", "diagnostics/returns_std"):
+        assert logs[1][tag] == pytest.approx(logs[0][tag], rel=1e-6), tag
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_a_two_rank_resume_reproduces_the_uninterrupted_run(tmp_path):
