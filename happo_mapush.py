@@ -375,12 +375,12 @@ def train(args: Args) -> str:
         env = make_env(args.env_backend, args.num_envs, run.device, run.seed, args.task, args.action_repeat)
         m = build_models(args, env, run.device)
         actors, critic = [run.wrap(actor) for actor in m.actors], run.wrap(m.critic)  # DDP under torchrun
-        obs = env.reset()
+        zeros = torch.zeros(args.num_envs, device=run.device)
+        episodes = Episodes(env.reset(), zeros, zeros.clone())
         if args.random_episode_start:
             env.randomize_episode_start()
-        zeros = torch.zeros(args.num_envs, device=run.device)
-        episodes = Episodes(sanitize(obs)[0], zeros, zeros.clone())
         run.start(m, env, episodes)  # a resumed run's state goes into m, env and episodes
+        episodes.obs = sanitize(episodes.obs)[0]  # fresh or restored, the networks never see a non-finite input
         buf = Storage.zeros(args.num_steps, env, m.critic_input_dim, run.device)
         for iteration in run.iterations():
             stats = rollout(args, env, m, buf, episodes)

@@ -390,7 +390,7 @@ def restore(run: "Run", checkpoint: dict) -> None:
         obs = run.env.load_state_dict(own["env"])
     except ValueError as err:  # an env state the env cannot continue exactly
         raise UsageError(f"cannot resume: {err}") from None
-    run.episodes.obs = torch.where(torch.isfinite(obs), obs, torch.zeros_like(obs))
+    run.episodes.obs = obs
     run.episodes.ep_return = own["episode"]["return"].to(obs.device)
     run.episodes.ep_length = own["episode"]["length"].to(obs.device)
 
