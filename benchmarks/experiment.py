@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import glob
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -87,25 +85,33 @@ def training_seconds(directory: str) -> float:
     return total + median * launches
 
 
-def run_all(jobs: List[Tuple[str, str, int, List[str]]], parallel: int,
+def run_all(jobs: List[Tuple[str, str, int, List[str], List[int]]], parallel: int,
             threads: int = 0) -> Dict[Tuple[str, int], float]:
-    """Run (run_root, exp_name, seed, flags) jobs, `parallel` at a time, each with `threads` torch threads
-    (0: one each when parallel, else all cores). Returns the wall-clock seconds of each (exp_name, seed).
-    """
+    """Run (run_root, exp_name, seed, flags, totals) jobs, `parallel` at a time, each with `threads` torch threads
+    (0: one each when parallel, else all cores). A job trains to each of its `totals` (env steps) in turn, one launch
+    each: a launch continues exactly from the newest checkpoint and saves one at its end, so every evaluation point
+    is a checkpoint, however the points divide. Returns the wall-clock seconds of each (exp_name, seed)."""
     threads = threads or (1 if parallel > 1 else os.cpu_count() or 1)
-    pending, running, wall = list(jobs), [], {}
+    pending, running, wall, started = [tuple(job) for job in jobs], [], {}, {}
     while pending or running:
         while pending and len(running) < parallel:
-            run_root, exp_name, seed, flags = pending.pop(0)
-            running.append((exp_name, seed, start_training(run_root, exp_name, seed, flags, threads)))
+            run_root, exp_name, seed, flags, totals = pending.pop(0)
+            proc = start_training(run_root, exp_name, seed, [*flags, "--total-timesteps", str(totals[0])], threads)
+            started.setdefault((exp_name, seed), proc.started)  # type: ignore[attr-defined]
+            running.append(((run_root, exp_name, seed, flags, totals[1:]), proc))
         time.sleep(2.0)
+        going_on = []
         for item in list(running):
-            exp_name, seed, proc = item
+            job, proc = item
             if proc.poll() is not None:
                 running.remove(item)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{' '.join(proc.cmd)} failed with exit code {proc.returncode}")
-                wall[(exp_name, seed)] = time.time() - proc.started
+                if job[4]:
+                    going_on.append(job)
+                else:
+                    wall[job[1:3]] = time.time() - started[job[1:3]]
+        pending[:0] = going_on  # a run goes on to its next point before another run starts
     return wall
 
 
@@ -165,24 +171,22 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, at: Sequence[float
 class Experiment:
     """Runs (exp_name, seed, flags) side by side into one output folder and evaluates their checkpoints at `--at`.
 
-    The checkpoints are saved every gcd of the evaluation iterations, so each evaluation point is a checkpoint; runs
-    that already reached the last one are not trained again, unfinished ones continue from their newest checkpoint.
+    A run trains to each evaluation point in turn (one launch each, ending with a checkpoint there); runs that already
+    reached the last one are not trained again, unfinished ones continue from their newest checkpoint.
     The folder is one experiment, and its `<name>.csv` is its record: every write merges the new rows into it (under a
     lock, so several processes can train into one folder), and a run whose checkpoints are not on this machine (a
     folder committed to git or copied from another machine) keeps its recorded rows instead of training again. The
     settings that decide the numbers (`--at`, the evaluation, the trainer flags) are fixed in `experiment.json` by the
     first run; a later one with other settings is refused, so one table never mixes two experiments."""
 
-    def __init__(self, args: argparse.Namespace, name: str, steps_per_iteration: int):
+    def __init__(self, args: argparse.Namespace, name: str, steps_per_iteration: Callable[[List[str]], int]):
         if args.skip_training and not args.out:
             raise SystemExit("error: --skip-training reads an earlier experiment: name its folder with --out")
         if args.skip_training and not os.path.isdir(args.out):
             raise SystemExit(f"error: --skip-training reads an earlier experiment, and {args.out} does not exist")
         self.args, self.name, self.out = args, name, args.out or fresh_folder(name)
-        self.iterations = [int(m * 1e6 // steps_per_iteration) for m in args.at]  # checkpoints at or below --at
-        flags = [f for f in args.trainer_flags if f != "--"]
-        self.common = flags + ["--total-timesteps", str(max(self.iterations) * steps_per_iteration),
-                               "--save-interval", str(functools.reduce(math.gcd, self.iterations))]
+        self.steps_per_iteration = steps_per_iteration
+        self.common = flags = [f for f in args.trainer_flags if f != "--"]
         self.fix_settings(dict(at=list(args.at), eval_episodes=args.eval_episodes, eval_seeds=list(args.eval_seeds),
                                trainer_flags=flags))
 
@@ -220,17 +224,28 @@ class Experiment:
         with open(path, newline="") as f:
             return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
-    def train(self, runs: Sequence[Tuple[str, int, List[str]]]) -> None:
-        if not self.args.skip_training:
-            jobs = [(self.out, name, seed, self.common + flags) for name, seed, flags in runs
-                    if max(self.iterations) not in self.reached(name, seed)]
-            run_all(jobs, self.args.parallel, self.args.threads)
+    def points(self, flags: List[str]) -> List[Tuple[int, int]]:
+        """(iteration, env steps) of each evaluation point of a run with the arm's `flags`: the last iteration at or
+        below each `--at` (an arm that changes the batch has other iterations)."""
+        per_iteration = self.steps_per_iteration(self.common + flags)
+        return [(int(m * 1e6 // per_iteration), int(m * 1e6 // per_iteration) * per_iteration) for m in self.args.at]
 
-    def reached(self, name: str, seed: int) -> set:
-        """The iterations the run has reached: its checkpoints here, else (checkpoints on another machine) the
-        evaluation points its recorded rows hold."""
-        saved = self.saved(name, seed)
-        return set(saved) if saved else {r["iteration"] for r in self.recorded(name, seed)}
+    def train(self, runs: Sequence[Tuple[str, int, List[str]]]) -> None:
+        """Train each (exp_name, seed, arm flags) run to its evaluation points that it has not reached: beyond its
+        newest checkpoint here; none when its checkpoints are elsewhere and its rows hold every point; else all."""
+        if self.args.skip_training:
+            return
+        jobs = []
+        for name, seed, flags in runs:
+            points, saved = self.points(flags), self.saved(name, seed)
+            recorded = {r["iteration"] for r in self.recorded(name, seed)}
+            if saved:
+                totals = [steps for iteration, steps in points if iteration > max(saved)]
+            else:
+                totals = [] if {i for i, _ in points} <= recorded else [steps for _, steps in points]
+            if totals:
+                jobs.append((self.out, name, seed, self.common + flags, totals))
+        run_all(jobs, self.args.parallel, self.args.threads)
 
     def saved(self, name: str, seed: int) -> Dict[int, str]:
         try:
@@ -238,17 +253,18 @@ class Experiment:
         except FileNotFoundError:
             return {}
 
-    def evaluate(self, name: str, seed: int, labels: dict) -> List[dict]:
-        """One row per evaluation point that the run has reached: `labels`, seed, iteration, env steps, eval success
-        and completion time (the mean over the eval seeds), training wall-clock (total and per iteration)."""
-        saved, rows = self.saved(name, seed), []
+    def evaluate(self, name: str, seed: int, flags: List[str], labels: dict) -> List[dict]:
+        """One row per evaluation point that the run (arm `flags`) has reached: `labels`, seed, iteration, env steps,
+        eval success and completion time (the mean over the eval seeds), training wall-clock (total and per
+        iteration)."""
+        saved, rows, iterations = self.saved(name, seed), [], [i for i, _ in self.points(flags)]
         if not saved:
-            kept = [r for r in self.recorded(name, seed) if r["iteration"] in self.iterations]
+            kept = [r for r in self.recorded(name, seed) if r["iteration"] in iterations]
             if kept:
                 print(f"{name} seed {seed}: no checkpoints here, its {len(kept)} recorded rows kept", flush=True)
             return kept
         wall = training_seconds(run_dir(self.out, name, seed))
-        for iteration in (i for i in self.iterations if i in saved):
+        for iteration in (i for i in iterations if i in saved):
             evals = [evaluate_checkpoint(saved[iteration], self.args.eval_episodes, s) for s in self.args.eval_seeds]
             rows.append(dict(**labels, run=name, seed=seed, iteration=iteration, env_steps=evals[0][2],
                              eval_success=round(statistics.mean(e[0] for e in evals), 4),
@@ -348,7 +364,16 @@ ARMS = {
     "critic_lr_1e-4": ["--critic-lr", "1e-4"],
     "ent_coef_0.01": ["--ent-coef", "0.01"],
 }
-ENV_STEPS_PER_ITERATION = 512 * 20 * 5  # the default's num_envs x num_steps x action_repeat
+
+
+def steps_per_iteration(flags: List[str]) -> int:
+    """Env steps per iteration of `happo_mapush.py` with `flags` (one process): num_envs x num_steps x action_repeat."""
+    import tyro
+
+    import happo_mapush as H
+
+    args = tyro.cli(H.Args, args=flags)
+    return args.num_envs * args.num_steps * args.action_repeat
 
 
 def main() -> None:
@@ -357,11 +382,11 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["happo"], choices=list(ARMS))
     add_experiment_arguments(parser, at=[10, 16, 20], seeds=[51, 52, 53, 54, 55])
     args = parser.parse_args()
-    experiment = Experiment(args, "experiment", ENV_STEPS_PER_ITERATION)
-    runs = [(seed, task, arm) for seed in args.seeds for task in args.tasks for arm in args.arms]
-    experiment.train([(f"{task}_{arm}", seed, ["--task", task] + ARMS[arm]) for seed, task, arm in runs])
-    rows = [row for seed, task, arm in runs
-            for row in experiment.evaluate(f"{task}_{arm}", seed, dict(task=task, arm=arm))]
+    experiment = Experiment(args, "experiment", steps_per_iteration)
+    runs = [(f"{task}_{arm}", seed, ["--task", task] + ARMS[arm], dict(task=task, arm=arm))
+            for seed in args.seeds for task in args.tasks for arm in args.arms]
+    experiment.train([(name, seed, flags) for name, seed, flags, _ in runs])
+    rows = [row for name, seed, flags, labels in runs for row in experiment.evaluate(name, seed, flags, labels)]
     experiment.write(rows, lambda every_row: report(every_row, args))
 
 

@@ -24,12 +24,12 @@ def fake(monkeypatch):
     trained = []
 
     def run_all(jobs, parallel, threads=0):
-        for run_root, name, seed, flags in jobs:
+        for run_root, name, seed, flags, totals in jobs:
             trained.append((name, seed))
             folder = os.path.join(run_root, "runs", f"cuboid__{name}__{seed}__1")
             os.makedirs(folder, exist_ok=True)
-            for i in (1, 2):
-                open(os.path.join(folder, f"checkpoint_{i}.pt"), "w").close()
+            for total in totals:  # the trainer saves at the end of each launch
+                open(os.path.join(folder, f"checkpoint_{total // STEPS}.pt"), "w").close()
         return {}
 
     def evaluate_checkpoint(path, episodes, seed=experiment.EVAL_SEED):
@@ -46,13 +46,13 @@ def fake(monkeypatch):
 def open_experiment(out, *argv):
     parser = argparse.ArgumentParser()
     experiment.add_experiment_arguments(parser, at=[1, 2], seeds=[7])
-    return experiment.Experiment(parser.parse_args(["--out", str(out), *argv]), "sweep", STEPS)
+    return experiment.Experiment(parser.parse_args(["--out", str(out), *argv]), "sweep", lambda flags: STEPS)
 
 
 def run(out, name, *argv):
     e = open_experiment(out, *argv)
     e.train([(name, 7, [])])
-    rows = e.evaluate(name, 7, dict(arm=name))
+    rows = e.evaluate(name, 7, [], dict(arm=name))
     e.write(rows, lambda every_row: f"{len(every_row)} rows\n")
     return rows
 
@@ -116,6 +116,47 @@ def test_a_folder_refuses_to_continue_after_the_trainers_default_changed(tmp_pat
                                          "continue it at"):
         open_experiment(tmp_path)
     assert open_experiment(tmp_path, "--skip-training").record()[0]["run"] == "a"  # its tables stay readable
+
+
+def test_a_run_trains_to_each_point_it_has_not_reached_one_launch_each(tmp_path, monkeypatch):
+    # every evaluation point must be a checkpoint: the trainer saves at the end of a launch, so a run is launched
+    # once per point (10 / 16 / 20 M are iterations 195 / 312 / 390, whose gcd of 39 once set the save interval;
+    # 10 / 20 / 30 / 40 / 50 M have a gcd of 1)
+    launches = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, name, seed, flags):
+            launches.append((name, int(flags[flags.index("--total-timesteps") + 1])))
+            self.started, self.cmd = 0.0, ["happo_mapush.py"]
+            folder = os.path.join(tmp_path, "runs", f"cuboid__{name}__{seed}__1")
+            os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, f"checkpoint_{launches[-1][1] // 51_200}.pt"), "w").close()
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(experiment, "start_training", lambda root, name, seed, flags, threads: Finished(name, seed,
+                                                                                                       flags))
+    monkeypatch.setattr(experiment.time, "sleep", lambda seconds: None)
+    parser = argparse.ArgumentParser()
+    experiment.add_experiment_arguments(parser, at=[10, 16, 20], seeds=[7])
+    e = experiment.Experiment(parser.parse_args(["--out", str(tmp_path), "--parallel", "1"]), "sweep",
+                              experiment.steps_per_iteration)
+    assert e.points([]) == [(195, 9_984_000), (312, 15_974_400), (390, 19_968_000)]
+    assert e.points(["--num-envs", "256"]) == [(390, 9_984_000), (625, 16_000_000), (781, 19_993_600)]
+    e.train([("a", 7, []), ("b", 7, [])])  # one at a time: a's points, then b's
+    assert launches == [("a", 9_984_000), ("a", 15_974_400), ("a", 19_968_000),
+                        ("b", 9_984_000), ("b", 15_974_400), ("b", 19_968_000)]
+    os.remove(os.path.join(tmp_path, "runs", "cuboid__b__7__1", "checkpoint_390.pt"))  # b stopped after 16 M
+    del launches[:]
+    e.train([("a", 7, []), ("b", 7, [])])
+    assert launches == [("b", 19_968_000)]
+    e.args.parallel = 2  # two at a time: a run's next point goes before the next run
+    del launches[:]
+    e.train([("c", 7, []), ("d", 7, []), ("e", 7, [])])
+    assert [name for name, _ in launches] == ["c", "d", "c", "d", "c", "d", "e", "e", "e"]
 
 
 def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
