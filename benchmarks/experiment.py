@@ -40,7 +40,7 @@ def start_training(run_root: str, exp_name: str, seed: int, flags: Sequence[str]
     newest = newest_checkpoint(run_root, exp_name, seed)
     log = open(os.path.join(run_root, f"{exp_name}__{seed}.log"), "a")
     cmd = [sys.executable, os.path.join(ROOT, "happo_mapush.py"), "--exp-name", exp_name, "--seed", str(seed),
-           "--no-cuda", *flags] + (["--resume", newest] if newest else [])
+           "--no-cuda", *flags] + (["--resume", os.path.abspath(newest)] if newest else [])  # it runs in run_root
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.time()
     if not newest:

@@ -159,6 +159,25 @@ def test_a_run_trains_to_each_point_it_has_not_reached_one_launch_each(tmp_path,
     assert [name for name, _ in launches] == ["c", "d", "c", "d", "c", "d", "e", "e", "e"]
 
 
+def test_a_run_in_a_relative_folder_resumes_from_a_checkpoint_the_trainer_can_find(tmp_path, monkeypatch):
+    # the trainer runs in the experiment folder: a --resume path relative to the runner's folder once pointed nowhere
+    # ("checkpoint not found"), so an interrupted experiment given `--out benchmarks/results/X` could not continue
+    folder = tmp_path / "results" / "x" / "runs" / "cuboid__a__7__1"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_39.pt").write_text("")
+    launched = {}
+
+    def popen(cmd, cwd, **kwargs):
+        launched.update(cmd=cmd, cwd=cwd)
+        return argparse.Namespace()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment.subprocess, "Popen", popen)
+    experiment.start_training(os.path.join("results", "x"), "a", 7, ["--task", "cuboid"], threads=1)
+    resume = launched["cmd"][launched["cmd"].index("--resume") + 1]
+    assert os.path.samefile(os.path.join(launched["cwd"], resume), folder / "checkpoint_39.pt")
+
+
 def test_training_time_of_a_run_with_one_logged_iteration_is_not_zero(tmp_path):
     # the runner's training column once read 0.00 s per iteration for one-iteration runs (no two events to time)
     import time
