@@ -363,6 +363,8 @@ ARMS = {
     "value_norm_per_minibatch": ["--value-norm-update", "per-minibatch"],  # HARL upstream
     "critic_lr_1e-4": ["--critic-lr", "1e-4"],
     "ent_coef_0.01": ["--ent-coef", "0.01"],
+    "lr_1e-3": ["--learning-rate", "1e-3", "--critic-lr", "1e-3"],  # both learning rates doubled
+    "num_envs_256": ["--num-envs", "256"],  # half the batch: twice the updates per env step
 }
 
 
