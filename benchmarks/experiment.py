@@ -85,12 +85,13 @@ def training_seconds(directory: str) -> float:
     return total + median * launches
 
 
-def run_all(jobs: List[Tuple[str, str, int, List[str], List[int]]], parallel: int,
-            threads: int = 0) -> Dict[Tuple[str, int], float]:
+def run_all(jobs: List[Tuple[str, str, int, List[str], List[int]]], parallel: int, threads: int = 0,
+            finished: Callable[[str, int], None] = lambda exp_name, seed: None) -> Dict[Tuple[str, int], float]:
     """Run (run_root, exp_name, seed, flags, totals) jobs, `parallel` at a time, each with `threads` torch threads
     (0: one each when parallel, else all cores). A job trains to each of its `totals` (env steps) in turn, one launch
     each: a launch continues exactly from the newest checkpoint and saves one at its end, so every evaluation point
-    is a checkpoint, however the points divide. Returns the wall-clock seconds of each (exp_name, seed)."""
+    is a checkpoint, however the points divide. `finished(exp_name, seed)` is called as each job ends (the other
+    jobs train on meanwhile). Returns the wall-clock seconds of each (exp_name, seed)."""
     threads = threads or (1 if parallel > 1 else os.cpu_count() or 1)
     pending, running, wall, started = [tuple(job) for job in jobs], [], {}, {}
     while pending or running:
@@ -111,6 +112,7 @@ def run_all(jobs: List[Tuple[str, str, int, List[str], List[int]]], parallel: in
                     going_on.append(job)
                 else:
                     wall[job[1:3]] = time.time() - started[job[1:3]]
+                    finished(job[1], job[2])
         pending[:0] = going_on  # a run goes on to its next point before another run starts
     return wall
 
@@ -230,9 +232,11 @@ class Experiment:
         per_iteration = self.steps_per_iteration(self.common + flags)
         return [(int(m * 1e6 // per_iteration), int(m * 1e6 // per_iteration) * per_iteration) for m in self.args.at]
 
-    def train(self, runs: Sequence[Tuple[str, int, List[str]]]) -> None:
+    def train(self, runs: Sequence[Tuple[str, int, List[str]]],
+              finished: Callable[[str, int], None] = lambda exp_name, seed: None) -> None:
         """Train each (exp_name, seed, arm flags) run to its evaluation points that it has not reached: beyond its
-        newest checkpoint here; none when its checkpoints are elsewhere and its rows hold every point; else all."""
+        newest checkpoint here; none when its checkpoints are elsewhere and its rows hold every point; else all.
+        `finished(exp_name, seed)` is called as each run's training ends."""
         if self.args.skip_training:
             return
         jobs = []
@@ -245,7 +249,7 @@ class Experiment:
                 totals = [] if {i for i, _ in points} <= recorded else [steps for _, steps in points]
             if totals:
                 jobs.append((self.out, name, seed, self.common + flags, totals))
-        run_all(jobs, self.args.parallel, self.args.threads)
+        run_all(jobs, self.args.parallel, self.args.threads, finished)
 
     def saved(self, name: str, seed: int) -> Dict[int, str]:
         try:
@@ -387,7 +391,12 @@ def main() -> None:
     experiment = Experiment(args, "experiment", steps_per_iteration)
     runs = [(f"{task}_{arm}", seed, ["--task", task] + ARMS[arm], dict(task=task, arm=arm))
             for seed in args.seeds for task in args.tasks for arm in args.arms]
-    experiment.train([(name, seed, flags) for name, seed, flags, _ in runs])
+    by_run = {(name, seed): (flags, labels) for name, seed, flags, labels in runs}
+
+    def record(name: str, seed: int) -> None:  # a run's rows reach the record as soon as it has trained
+        experiment.write(experiment.evaluate(name, seed, *by_run[name, seed]), lambda rows: report(rows, args))
+
+    experiment.train([(name, seed, flags) for name, seed, flags, _ in runs], record)
     rows = [row for name, seed, flags, labels in runs for row in experiment.evaluate(name, seed, flags, labels)]
     experiment.write(rows, lambda every_row: report(every_row, args))
 

@@ -23,13 +23,14 @@ def fake(monkeypatch):
     """Training writes the checkpoints a finished run would; evaluation reads a success rate from the path."""
     trained = []
 
-    def run_all(jobs, parallel, threads=0):
+    def run_all(jobs, parallel, threads=0, finished=lambda name, seed: None):
         for run_root, name, seed, flags, totals in jobs:
             trained.append((name, seed))
             folder = os.path.join(run_root, "runs", f"cuboid__{name}__{seed}__1")
             os.makedirs(folder, exist_ok=True)
             for total in totals:  # the trainer saves at the end of each launch
                 open(os.path.join(folder, f"checkpoint_{total // STEPS}.pt"), "w").close()
+            finished(name, seed)
         return {}
 
     def evaluate_checkpoint(path, episodes, seed=experiment.EVAL_SEED):
@@ -146,9 +147,11 @@ def test_a_run_trains_to_each_point_it_has_not_reached_one_launch_each(tmp_path,
                               experiment.steps_per_iteration)
     assert e.points([]) == [(195, 9_984_000), (312, 15_974_400), (390, 19_968_000)]
     assert e.points(["--num-envs", "256"]) == [(390, 9_984_000), (625, 16_000_000), (781, 19_993_600)]
-    e.train([("a", 7, []), ("b", 7, [])])  # one at a time: a's points, then b's
-    assert launches == [("a", 9_984_000), ("a", 15_974_400), ("a", 19_968_000),
+    finished = []  # (run, launches so far) as each run's training ends: its rows can be recorded at once
+    e.train([("a", 7, []), ("b", 7, [])], lambda name, seed: finished.append((name, len(launches))))
+    assert launches == [("a", 9_984_000), ("a", 15_974_400), ("a", 19_968_000),  # one at a time: a, then b
                         ("b", 9_984_000), ("b", 15_974_400), ("b", 19_968_000)]
+    assert finished == [("a", 3), ("b", 6)]
     os.remove(os.path.join(tmp_path, "runs", "cuboid__b__7__1", "checkpoint_390.pt"))  # b stopped after 16 M
     del launches[:]
     e.train([("a", 7, []), ("b", 7, [])])
