@@ -94,26 +94,30 @@ def run_all(jobs: List[Tuple[str, str, int, List[str], List[int]]], parallel: in
     jobs train on meanwhile). Returns the wall-clock seconds of each (exp_name, seed)."""
     threads = threads or (1 if parallel > 1 else os.cpu_count() or 1)
     pending, running, wall, started = [tuple(job) for job in jobs], [], {}, {}
-    while pending or running:
+
+    def fill() -> None:
         while pending and len(running) < parallel:
             run_root, exp_name, seed, flags, totals = pending.pop(0)
             proc = start_training(run_root, exp_name, seed, [*flags, "--total-timesteps", str(totals[0])], threads)
             started.setdefault((exp_name, seed), proc.started)  # type: ignore[attr-defined]
             running.append(((run_root, exp_name, seed, flags, totals[1:]), proc))
+
+    fill()
+    while running:
         time.sleep(2.0)
-        going_on = []
+        going_on, done = [], []
         for item in list(running):
             job, proc = item
             if proc.poll() is not None:
                 running.remove(item)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{' '.join(proc.cmd)} failed with exit code {proc.returncode}")
-                if job[4]:
-                    going_on.append(job)
-                else:
-                    wall[job[1:3]] = time.time() - started[job[1:3]]
-                    finished(job[1], job[2])
+                (going_on if job[4] else done).append(job)
         pending[:0] = going_on  # a run goes on to its next point before another run starts
+        fill()  # before `finished`, so the cores train while a finished run is evaluated
+        for job in done:
+            wall[job[1:3]] = time.time() - started[job[1:3]]
+            finished(job[1], job[2])
     return wall
 
 

