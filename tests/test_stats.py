@@ -55,3 +55,16 @@ def test_table_reports_the_probability_in_the_asked_direction():
     assert "P(default > arm)" in baseline and "| candidate | 0.00 [0.00, 0.00] |" in baseline
     with pytest.raises(SystemExit, match="not one of the arm values"):
         stats.table(rows, "arm", "eval_success", baseline="happo")
+
+
+def test_arms_with_other_batches_line_up_by_env_steps_not_iterations():
+    # half the batch (256 envs) reaches 10 M at iteration 390, where the default is at 20 M: keyed by iteration, a
+    # candidate's 10 M column once sat under the default's 20 M
+    rows = [dict(arm=arm, seed="1", iteration=str(iteration), env_steps=str(steps), eval_success=str(value))
+            for arm, points in (("default", [(195, 9_984_000, 0.3), (390, 19_968_000, 0.8)]),
+                                ("half_batch", [(390, 9_984_000, 0.6), (781, 19_993_600, 0.9)]))
+            for iteration, steps, value in points]
+    lines = stats.table(rows, "arm", "eval_success").splitlines()
+    assert lines[0] == "| arm | 10.0 M | 20.0 M |"
+    assert lines[2].startswith("| default | 30.0 % [") and "| 80.0 % [" in lines[2]
+    assert lines[3].startswith("| half_batch | 60.0 % [") and "| 90.0 % [" in lines[3]
