@@ -40,12 +40,16 @@ def main() -> None:
                          f"({err})")
     rows = read(args.csv, args.where)
     groups = list(dict.fromkeys(r[args.group] for r in rows))
-    steps = sorted({int(r["env_steps"]) for r in rows})
+
+    def step(row):  # to 0.1 M, as stats.table: groups with other batches line up by env steps
+        return round(int(row["env_steps"]) / 1e5) * 100_000
+
+    steps = sorted({step(r) for r in rows})
     seeds = sorted({int(r["seed"]) for r in rows})
     # [runs, checkpoints] per group; a run missing a checkpoint is left out of that group
     scores = {}
     for g in groups:
-        table = {(int(r["seed"]), int(r["env_steps"])): float(r[args.value]) for r in rows if r[args.group] == g}
+        table = {(int(r["seed"]), step(r)): float(r[args.value]) for r in rows if r[args.group] == g}
         complete = [s for s in seeds if all((s, t) in table for t in steps)]
         scores[g] = np.array([[table[(s, t)] for t in steps] for s in complete])
     out = args.out or fresh_folder("plot")
