@@ -25,8 +25,8 @@ MQE_REWARD_TERMS = {"distance_to_target_reward": "distance_to_target", "approach
                     "collision_punishment": "collision", "push_reward": "push", "ocb_reward": "ocb",
                     "reach_target_reward": "reach_target", "exception_punishment": "exception"}
 MQE_NOT_REWARD_SUMS = ("step_count", "gating_factor")  # a step counter and (fork) a sum of per-step means
-# The fork's summing wrapper (alexei-erm/heterogeneous-MAPush from commit 76756d4 on) gives every agent the team sum
-# and has this attribute; its older commits (individualized_rewards only) and upstream return per-agent rewards.
+# The fork's summing wrapper (alexei-erm/heterogeneous-MAPush) gives every agent the team sum and has this
+# attribute; its per-agent wrapper (individualized_rewards only) and upstream MAPush return per-agent rewards.
 FORK_TEAM_SUM_ATTRIBUTE = "shared_gated_rewards"
 
 

@@ -1,6 +1,6 @@
 """benchmarks/experiment.py's Experiment: an experiment folder's record survives other processes and lost checkpoints.
 
-A sweep spans sessions, and a session's machine may not keep its disk: the folder's CSV, committed, must be enough to
+An experiment outlives the machine that ran it, whose disk may be gone: the folder's CSV, committed, must be enough to
 continue it, and two processes training into one folder must not erase each other's rows. Training and evaluation
 are replaced by fakes that keep the real interfaces (checkpoint files named as the trainer names them, evaluations
 as (success, completion time, env steps))."""
@@ -76,7 +76,7 @@ def test_two_processes_writing_one_folder_keep_each_others_rows(tmp_path, fake):
 
 def test_a_run_whose_checkpoints_are_gone_keeps_its_recorded_rows_and_is_not_trained_again(tmp_path, fake):
     first = run(tmp_path, "a")
-    shutil.rmtree(os.path.join(tmp_path, "runs"))  # the next session's machine: only the committed record
+    shutil.rmtree(os.path.join(tmp_path, "runs"))  # another machine: only the committed record
     again = run(tmp_path, "a")
     assert fake == [("a", 7)]
     assert again == first  # the same numbers, parsed back to the same types

@@ -214,7 +214,7 @@ class FakeUpstreamWrapper:
 
 
 class FakeOldForkWrapper(FakeUpstreamWrapper):
-    """The fork before commit 76756d4 (71930fc .. 91427a2): `individualized_rewards`, per-agent rewards."""
+    """The fork's per-agent wrapper: `individualized_rewards` without the team-sum attribute, per-agent rewards."""
 
     def __init__(self, env):
         super().__init__(env)
