@@ -234,7 +234,8 @@ class Experiment:
         """(iteration, env steps) of each evaluation point of a run with the arm's `flags`: the last iteration at or
         below each `--at` (an arm that changes the batch has other iterations)."""
         per_iteration = self.steps_per_iteration(self.common + flags)
-        return [(int(m * 1e6 // per_iteration), int(m * 1e6 // per_iteration) * per_iteration) for m in self.args.at]
+        iterations = [int(m * 1e6 // per_iteration) for m in self.args.at]
+        return [(i, i * per_iteration) for i in iterations]
 
     def train(self, runs: Sequence[Tuple[str, int, List[str]]],
               finished: Callable[[str, int], None] = lambda exp_name, seed: None) -> None:
