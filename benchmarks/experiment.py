@@ -374,6 +374,7 @@ ARMS = {
     "ent_coef_0.01": ["--ent-coef", "0.01"],
     "lr_1e-3": ["--learning-rate", "1e-3", "--critic-lr", "1e-3"],  # both learning rates doubled
     "num_envs_256": ["--num-envs", "256"],  # half the batch: twice the updates per env step
+    "lr_1e-3_num_envs_256": ["--learning-rate", "1e-3", "--critic-lr", "1e-3", "--num-envs", "256"],  # both at once
 }
 
 
