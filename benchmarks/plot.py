@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from experiment import fresh_folder  # noqa: E402
-from stats import REPS, read, seeded_numpy  # noqa: E402
+from stats import REPS, checkpoint_column, read, seeded_numpy  # noqa: E402
 
 
 def main() -> None:
@@ -40,16 +40,12 @@ def main() -> None:
                          f"({err})")
     rows = read(args.csv, args.where)
     groups = list(dict.fromkeys(r[args.group] for r in rows))
-
-    def step(row):  # to 0.1 M, as stats.table: groups with other batches line up by env steps
-        return round(int(row["env_steps"]) / 1e5) * 100_000
-
-    steps = sorted({step(r) for r in rows})
+    steps = sorted({checkpoint_column(r) for r in rows})
     seeds = sorted({int(r["seed"]) for r in rows})
     # [runs, checkpoints] per group; a run missing a checkpoint is left out of that group
     scores = {}
     for g in groups:
-        table = {(int(r["seed"]), step(r)): float(r[args.value]) for r in rows if r[args.group] == g}
+        table = {(int(r["seed"]), checkpoint_column(r)): float(r[args.value]) for r in rows if r[args.group] == g}
         complete = [s for s in seeds if all((s, t) in table for t in steps)]
         scores[g] = np.array([[table[(s, t)] for t in steps] for s in complete])
     out = args.out or fresh_folder("plot")

@@ -94,17 +94,19 @@ def read(path: str, where: Sequence[str] = ()) -> List[Dict[str, str]]:
     return rows
 
 
+def checkpoint_column(row: Dict[str, str]) -> int:
+    """A row's checkpoint column: its env steps to 0.1 M, so arms with other batches (other iterations) line up."""
+    return round(int(row["env_steps"]) / 1e5) * 100_000
+
+
 def table(rows: List[Dict[str, str]], group: str, value: str, baseline: str = "", improves_on: str = "") -> str:
     """A markdown table: one row per group value, one column per checkpoint; then, per column, P(baseline > group)
     (is the baseline better than each alternative?) or P(group > improves_on) (does each candidate improve on it?)."""
-    def column(row):  # env steps to 0.1 M: arms with other batches (other iterations) line up by env steps
-        return round(int(row["env_steps"]) / 1e5)
-
-    checkpoints = sorted({column(r) for r in rows})
+    checkpoints = sorted({checkpoint_column(r) for r in rows})
     groups = list(dict.fromkeys(r[group] for r in rows))
-    runs = {(g, c): [float(r[value]) for r in rows if r[group] == g and column(r) == c]
+    runs = {(g, c): [float(r[value]) for r in rows if r[group] == g and checkpoint_column(r) == c]
             for g in groups for c in checkpoints}
-    heads = [f"{c / 10:.1f} M" for c in checkpoints]
+    heads = [f"{c / 1e6:.1f} M" for c in checkpoints]
     lines = [f"| {group} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(cell(runs[(g, c)]) if runs[(g, c)] else "-" for c in checkpoints) + " |")

@@ -59,7 +59,7 @@ def test_table_reports_the_probability_in_the_asked_direction():
 
 def test_arms_with_other_batches_line_up_by_env_steps_not_iterations():
     # half the batch (256 envs) reaches 10 M at iteration 390, where the default is at 20 M: keyed by iteration, a
-    # candidate's 10 M column once sat under the default's 20 M
+    # candidate's 10 M column would sit under the default's 20 M
     rows = [dict(arm=arm, seed="1", iteration=str(iteration), env_steps=str(steps), eval_success=str(value))
             for arm, points in (("default", [(195, 9_984_000, 0.3), (390, 19_968_000, 0.8)]),
                                 ("half_batch", [(390, 9_984_000, 0.6), (781, 19_993_600, 0.9)]))
